@@ -1,0 +1,151 @@
+"""What the denoiser sees, and what it is trained to predict.
+
+The denoiser is a MONAI ``DiffusionModelUNet`` whose input is ``[x_t, LMI(ref, x_t), LMI(ref, ref), head]``
+(channel concatenation): ``ref`` is the clean target image during training and the source image at translation time.
+LMI is invariant to a one-to-one remapping of intensities, so the maps computed from a T1w reference during training
+and from a PDw source at translation time come from the same distribution: that is what makes the model zero-shot.
+The head mask is computed the same way from any contrast (``scripts.transforms.head_mask``) and tells the network
+where tissue is, which LMI cannot (it is 0 on any flat region, air and white matter alike).
+
+Images live in [0, 1] outside the model and in [-1, 1] inside it (the schedulers clip x0 to [-1, 1]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.engines.utils import DiffusionPrepareBatch, default_prepare_batch
+from monai.networks.schedulers import Scheduler
+
+from scripts.lmi import LocalMutualInformation
+
+__all__ = [
+    "LMIConditioner",
+    "LMIDiffusionPrepareBatch",
+    "from_model_space",
+    "model_output_from_x0",
+    "to_model_space",
+    "x0_from_model_output",
+]
+
+
+def to_model_space(image: torch.Tensor) -> torch.Tensor:
+    """[0, 1] image -> [-1, 1] diffusion space."""
+    return image * 2.0 - 1.0
+
+
+def from_model_space(sample: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] diffusion space -> [0, 1] image (clipped)."""
+    return ((sample + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+def _alpha_bar(scheduler: Scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod.to(like.device, like.dtype)[timesteps.long()]
+    return alphas.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def x0_from_model_output(
+    scheduler: Scheduler, output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The clean-image estimate implied by the network output for the scheduler's prediction type."""
+    alpha = _alpha_bar(scheduler, timesteps, sample)
+    if scheduler.prediction_type == "epsilon":
+        return (sample - (1 - alpha).sqrt() * output) / alpha.sqrt()
+    if scheduler.prediction_type == "sample":
+        return output
+    return alpha.sqrt() * sample - (1 - alpha).sqrt() * output  # v_prediction
+
+
+def model_output_from_x0(
+    scheduler: Scheduler, x0: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Inverse of :func:`x0_from_model_output`: lets a corrected x0 go through ``scheduler.step`` unchanged."""
+    alpha = _alpha_bar(scheduler, timesteps, sample)
+    if scheduler.prediction_type == "sample":
+        return x0
+    epsilon = (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt().clamp_min(1e-8)
+    if scheduler.prediction_type == "epsilon":
+        return epsilon
+    return alpha.sqrt() * epsilon - (1 - alpha).sqrt() * x0  # v_prediction
+
+
+class LMIConditioner(torch.nn.Module):
+    """Builds the extra input channels ``[LMI(ref, x_t), LMI(ref, ref), head]`` of the denoiser.
+
+    Args:
+        num_bins, patch_size, search_size, sigma: the LMI layer's parameters (DESIGN.md section 2).
+        use_head_mask: append the modality-independent head mask as a channel.
+    """
+
+    def __init__(
+        self,
+        num_bins: int = 8,
+        patch_size: int = 3,
+        search_size: int = 3,
+        sigma: float = 8 / 255,
+        use_head_mask: bool = True,
+    ) -> None:
+        super().__init__()
+        self.lmi = LocalMutualInformation(
+            patch_size=patch_size, search_size=search_size, num_bins=num_bins, sigma=sigma
+        )
+        self.use_head_mask = use_head_mask
+
+    @property
+    def num_channels(self) -> int:
+        return 3 if self.use_head_mask else 2
+
+    def static_maps(self, reference: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+        """The channels that depend on the reference only: computed once per image, reused at every step."""
+        self_lmi, _ = self.lmi(reference, reference)
+        if not self.use_head_mask:
+            return self_lmi
+        if head is None:
+            raise ValueError("LMIConditioner was built with use_head_mask=True but no head mask was given.")
+        return torch.cat([self_lmi, head.to(self_lmi)], dim=1)
+
+    def forward(self, reference: torch.Tensor, sample: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """Conditioning for the model-space `sample` x_t, given `reference` in [0, 1] and its static maps."""
+        with torch.no_grad():
+            dynamic, _ = self.lmi(reference, from_model_space(sample))
+        return torch.cat([dynamic, static], dim=1)
+
+
+class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """``prepare_batch`` for ``SupervisedTrainer``: noise, timesteps and the regression target.
+
+    The target follows the scheduler's ``prediction_type`` (epsilon, sample or v_prediction) in model space; the head
+    mask under ``head_key`` is handed to the inferer, which builds the LMI conditioning from the noisy sample.
+    """
+
+    def __init__(self, scheduler: Scheduler, head_key: str = "head") -> None:
+        super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
+        self.scheduler = scheduler
+        self.head_key = head_key
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        x0 = to_model_space(images)
+        if self.scheduler.prediction_type == "epsilon":
+            return noise
+        if self.scheduler.prediction_type == "sample":
+            return x0
+        return self.scheduler.get_velocity(x0, noise, timesteps)
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        images, _ = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        images = torch.as_tensor(images)
+        noise = self.get_noise(images)
+        timesteps = self.get_timesteps(images)
+        target = self.get_target(images, noise, timesteps)
+        infer_kwargs = {"noise": noise, "timesteps": timesteps}
+        if self.head_key in batchdata:
+            infer_kwargs["head"] = torch.as_tensor(batchdata[self.head_key]).to(device, non_blocking=non_blocking)
+        return images, target, (), infer_kwargs

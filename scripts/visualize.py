@@ -1,0 +1,95 @@
+"""Figures a person looks at: source | translated | target rows, written as PNG when an inference run completes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from ignite.engine import Engine, Events  # noqa: E402
+from monai.data import MetaTensor  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TranslationFigure", "middle_slice", "save_rows"]
+
+
+def middle_slice(array: np.ndarray) -> np.ndarray:
+    """A 2D view: the array itself, or the middle slice of the last axis of a volume."""
+    array = np.squeeze(np.asarray(array, dtype=np.float32))
+    return array if array.ndim == 2 else array[..., array.shape[-1] // 2]
+
+
+def _unit(array: np.ndarray) -> np.ndarray:
+    top = float(np.percentile(array, 99.5)) if array.size else 1.0
+    return np.clip(array / max(top, 1e-8), 0.0, 1.0)
+
+
+def save_rows(rows: list[dict[str, np.ndarray]], path: str | os.PathLike, title: str = "") -> None:
+    """One row per case, one column per named image (display: each image scaled by its 99.5th percentile)."""
+    if not rows:
+        raise ValueError("no rows to draw.")
+    columns = list(rows[0])
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.4 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, name in enumerate(columns):
+            ax = axes[r][c]
+            image = row.get(name)
+            if image is not None:
+                ax.imshow(np.rot90(_unit(image)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.png")
+    fig.savefig(partial, dpi=110)
+    plt.close(fig)
+    os.replace(partial, path)
+
+
+class TranslationFigure:
+    """Ignite handler: collect up to `max_rows` (source, translated, target) triples and save a PNG at the end."""
+
+    def __init__(self, path: str | os.PathLike, max_rows: int = 4, title: str = "") -> None:
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self.title = title
+        self.rows: list[dict[str, np.ndarray]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in outputs:
+            if len(self.rows) >= self.max_rows or not isinstance(item, Mapping):
+                continue
+            row = {
+                "source": middle_slice(torch.as_tensor(item["image"]).cpu().numpy()),
+                "translated": middle_slice(torch.as_tensor(item["pred"]).cpu().numpy()),
+            }
+            target = item.get("target")
+            if isinstance(target, str) and Path(target).is_file():
+                row["target (not seen)"] = middle_slice(nib.load(target).get_fdata())
+            elif isinstance(target, (torch.Tensor, MetaTensor)):
+                row["target (not seen)"] = middle_slice(torch.as_tensor(target).cpu().numpy())
+            self.rows.append(row)
+
+    def write(self, engine: Engine) -> None:
+        if self.rows:
+            save_rows(self.rows, self.path, self.title)
+            logger.info(f"wrote {self.path}")

@@ -1,0 +1,164 @@
+"""The translation machinery on a tiny random network: interfaces, determinism, projection, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from scripts.diffusion import LMIConditioner, LMIDiffusionPrepareBatch, model_output_from_x0, x0_from_model_output
+from scripts.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, select_inferer, validate_source
+from scripts.projection import LocalConditionalMean
+from scripts.transforms import head_mask
+
+
+def phantom(size: int = 32, seed: int = 0) -> torch.Tensor:
+    """A head-like (1, 1, size, size) image: bright ring (scalp), dark gap, brain with two tissues, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / (size - 1) * 2 - 1
+    radius = np.hypot(yy / 0.9, xx / 0.75)
+    image = np.where(radius < 0.95, 0.8, 0.0)
+    image = np.where(radius < 0.8, 0.1, image)
+    image = np.where(radius < 0.7, 0.6, image)
+    image = np.where((radius < 0.35) & (np.abs(xx) > 0.1), 0.9, image)
+    image = image + 0.02 * rng.standard_normal(image.shape) * (radius < 0.95)
+    return torch.from_numpy(np.clip(image, 0, 1).astype(np.float32))[None, None]
+
+
+@pytest.fixture(scope="module")
+def network() -> DiffusionModelUNet:
+    torch.manual_seed(0)
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=4,
+        out_channels=1,
+        channels=(8, 8),
+        attention_levels=(False, False),
+        num_res_blocks=1,
+        norm_num_groups=8,
+    ).eval()
+
+
+@pytest.fixture
+def conditioner() -> LMIConditioner:
+    return LMIConditioner(num_bins=8)
+
+
+def make_inferer(conditioner, **kwargs) -> LMIGuidedInferer:
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    return LMIGuidedInferer(scheduler, conditioner, num_inference_steps=kwargs.pop("steps", 3), **kwargs)
+
+
+def test_prediction_type_conversions_round_trip():
+    torch.manual_seed(0)
+    sample, x0 = torch.randn(2, 1, 8, 8), torch.rand(2, 1, 8, 8) * 2 - 1
+    t = torch.tensor([10, 900])
+    for prediction_type in ("epsilon", "sample", "v_prediction"):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+        output = model_output_from_x0(scheduler, x0, sample, t)
+        assert torch.allclose(x0_from_model_output(scheduler, output, sample, t), x0, atol=1e-4)
+
+
+def test_training_target_matches_the_scheduler(conditioner, network):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    images = phantom().repeat(2, 1, 1, 1)
+    head = torch.from_numpy(head_mask(images[0, 0].numpy())).float()[None, None].repeat(2, 1, 1, 1)
+    inputs, target, args, kwargs = LMIDiffusionPrepareBatch(scheduler)({"image": images, "head": head})
+    assert set(kwargs) == {"noise", "timesteps", "head"} and args == ()
+    expected = scheduler.get_velocity(images * 2 - 1, kwargs["noise"], kwargs["timesteps"])
+    assert torch.allclose(target, expected)
+    prediction = LMIGuidedInferer(scheduler, conditioner)(inputs, network, **kwargs)
+    assert prediction.shape == images.shape
+
+
+def test_translation_is_deterministic_in_range_and_keeps_meta(conditioner, network):
+    source = MetaTensor(phantom(), meta={"filename_or_obj": "case.nii.gz"})
+    inferer = make_inferer(conditioner, projection=LocalConditionalMean(spatial_sigma=4), seed=3)
+    first, second = inferer(source, network), inferer(source, network)
+    assert isinstance(first, MetaTensor) and first.meta["filename_or_obj"] == "case.nii.gz"
+    assert first.shape == source.shape and 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(first, second)
+    other_seed = make_inferer(conditioner, projection=LocalConditionalMean(spatial_sigma=4), seed=4)(source, network)
+    assert not torch.equal(first, other_seed)
+    head = torch.from_numpy(head_mask(source[0, 0].numpy()))
+    assert float(first[0, 0][head == 0].abs().max()) == 0.0, "outside the head the translation must be 0"
+
+
+def test_model_grid_differs_from_image_grid(conditioner, network):
+    source = phantom(48)
+    out = make_inferer(conditioner, model_size=(32, 32), projection=LocalConditionalMean(spatial_sigma=4))(
+        source, network
+    )
+    assert out.shape == source.shape
+
+
+def test_projection_keeps_functions_of_the_source_and_maps_to_them():
+    source = torch.from_numpy(np.random.default_rng(0).integers(0, 4, (1, 1, 24, 24)) / 3.0).float()
+    remapped = torch.tensor([0.2, 0.9, 0.1, 0.5])[(source * 3).round().long()]
+    projection = LocalConditionalMean(num_bins=4, bin_sigma=0.05, spatial_sigma=6)
+    assert torch.allclose(projection(remapped, source), remapped, atol=1e-5)
+    noisy = remapped + 0.2 * torch.randn_like(remapped)
+    assert (projection(noisy, source) - remapped).abs().mean() < 0.5 * (noisy - remapped).abs().mean()
+
+
+def test_sdedit_walks_only_the_steps_below_its_start(conditioner, network):
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    inferer = SDEditInferer(scheduler, conditioner, num_inference_steps=10, start_timestep=300)
+    generator = torch.Generator().manual_seed(0)
+    inferer.scheduler.set_timesteps(10)
+    start, steps = inferer.start(phantom(), inferer.scheduler.timesteps, generator)
+    assert int(steps.max()) <= 300 and len(steps) == 3
+    with pytest.raises(ValueError, match="start_timestep"):
+        SDEditInferer(scheduler, conditioner, start_timestep=1000)
+
+
+@pytest.mark.parametrize("method", ["lmi", "sdedit"])
+def test_inferers_work_inside_a_supervised_evaluator(conditioner, network, method):
+    inferers = {
+        "lmi": make_inferer(conditioner, projection=LocalConditionalMean(spatial_sigma=4)),
+        "sdedit": SDEditInferer(
+            DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"),
+            conditioner,
+            num_inference_steps=6,
+            start_timestep=400,
+        ),
+    }
+    data = [{"image": phantom(seed=i)[0], "label": phantom(seed=i)[0]} for i in range(2)]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
+        network=network,
+        inferer=SliceWiseInferer(select_inferer(method, inferers), image_size=(32, 32), progress=False),
+    )
+    evaluator.run()
+    preds = evaluator.state.output
+    assert len(preds) == 2 and all(p["pred"].shape == (1, 32, 32) for p in preds)
+    with pytest.raises(ValueError, match="unknown method 'cyclegan'"):
+        select_inferer("cyclegan", inferers)
+
+
+def test_volumes_are_translated_slice_by_slice(conditioner, network):
+    volume = torch.cat([phantom(24, seed=i)[..., None] for i in range(3)] + [torch.zeros(1, 1, 24, 24, 1)], dim=-1)
+    volume = MetaTensor(volume, affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    out = SliceWiseInferer(make_inferer(conditioner), image_size=(32, 32), progress=False)(volume, network)
+    assert out.shape == volume.shape and torch.equal(out.affine, volume.affine)
+    assert float(out[..., 3].abs().max()) == 0.0, "an empty slice stays empty"
+    assert float(out[..., 0].max()) > 0
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.rand(1, 32, 32), "batch of 2D images"),
+        (torch.rand(1, 2, 32, 32), "one channel"),
+        (torch.full((1, 1, 8, 8), float("nan")), "NaN"),
+        (torch.zeros(2, 1, 8, 8), "all zero"),
+    ],
+)
+def test_bad_sources_give_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        validate_source(bad)
