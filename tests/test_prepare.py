@@ -1,0 +1,292 @@
+"""Data preparation: datalist schema and MONAI loading, split disjointness, affines, bad input, atomic output,
+and one end-to-end ``monai.bundle run`` of configs/prepare.json (tiny mni configuration)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import load_decathlon_datalist
+from monai.transforms import LoadImage
+
+from scripts.data import (
+    DataPreparationError,
+    DatasetPreparer,
+    InputNotFoundError,
+    prepare_dataset,
+)
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+TINY = {"spatial_size": (32, 32), "fov_mm": 96.0, "slice_step_mm": 4.0, "max_slices_per_subject": 3}
+TINY_MNI = {"spatial_size": (64, 64), "max_slices_per_subject": 3, "mni": {"num_training": 2, "num_testing": 1}}
+TEST_KEYS = {"image", "target", "t2", "label", "mask", "subject", "slice"}
+
+
+@pytest.fixture(scope="module")
+def mni_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mni") / "dataset"
+    return DatasetPreparer("mni", out, seed=0, **TINY_MNI).run()
+
+
+@pytest.fixture
+def labelmap_dir(tmp_path, label_map_factory) -> Path:
+    d = tmp_path / "maps"
+    d.mkdir()
+    for i in (1, 2, 3):
+        label_map_factory(d / f"seg_{i:02d}.nii.gz")
+    (d / "labels_table.txt").write_text("not a label map, ignored\n")
+    return d
+
+
+def _labelmaps(directory, out, training=("01", "02"), testing=("03",), **kw):
+    opts = {"directory": str(directory), "training": list(training), "testing": list(testing)}
+    return DatasetPreparer("labelmaps", out, labelmaps=opts, **{**TINY, **kw})
+
+
+def test_datalist_schema_and_splits(mni_dataset):
+    dl = json.loads((mni_dataset / "datalist.json").read_text())
+    assert dl["source"] == "mni" and dl["source_modality"] == "PDw" and dl["target_modality"] == "T1w"
+    assert dl["spatial_size"] == [64, 64] and dl["seed"] == 0 and dl["mask_type"] == "brain"
+    assert dl["labels"] == {"0": "background", "1": "CSF", "2": "GM", "3": "WM"}
+    train, test = dl["subjects"]["training"], dl["subjects"]["testing"]
+    assert train == ["sub-01", "sub-02"] and test == ["sub-03"] and not set(train) & set(test)
+    assert {e["subject"] for e in dl["training"]} == set(train)
+    assert {e["subject"] for e in dl["source_training"]} == set(train)
+    assert {e["subject"] for e in dl["testing"]} == set(test)
+    assert all(set(e) == {"image", "subject", "slice"} for e in dl["training"] + dl["source_training"])
+    assert all(e["image"].endswith("_T1w.nii.gz") for e in dl["training"])
+    assert all(e["image"].endswith("_PDw.nii.gz") for e in dl["source_training"])
+    for e in dl["testing"]:
+        assert set(e) == TEST_KEYS
+        assert e["image"].endswith("_PDw.nii.gz") and e["target"].endswith("_T1w.nii.gz")
+        assert e["t2"].endswith("_T2w.nii.gz") and e["label"].endswith("_dseg.nii.gz")
+    assert len(dl["training"]) == 6 and len(dl["testing"]) == 3
+    assert not any(p.name.startswith(".") for p in mni_dataset.parent.iterdir())  # no temporary folder left
+
+
+def test_datalist_loads_with_monai(mni_dataset):
+    path = str(mni_dataset / "datalist.json")
+    for key in ("training", "source_training", "testing"):
+        items = load_decathlon_datalist(path, data_list_key=key, base_dir=str(mni_dataset))
+        assert items
+        for it in items:
+            assert it["subject"].startswith("sub-")  # not mistaken for a path
+            for k in ("image", "target", "t2", "label", "mask"):
+                if k in it:
+                    assert Path(it[k]).is_file(), it[k]
+    it = load_decathlon_datalist(path, data_list_key="testing", base_dir=str(mni_dataset))[0]
+    img = LoadImage(image_only=True)(it["image"])
+    assert tuple(img.shape) == (64, 64)
+    pd = np.asarray(img)
+    lab = np.asarray(nib.load(it["label"]).dataobj)
+    mask = np.asarray(nib.load(it["mask"]).dataobj)
+    assert pd.dtype == np.float32 and pd.min() >= 0
+    assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 1, 2, 3} and {1, 2, 3} <= set(np.unique(lab))
+    assert np.array_equal(mask, (lab > 0).astype(np.uint8))
+
+
+def test_mni_slice_geometry(mni_dataset):
+    dl = json.loads((mni_dataset / "datalist.json").read_text())
+    e = dl["testing"][0]
+    aff = nib.load(mni_dataset / e["image"]).affine
+    pixel = 256.0 / 64
+    assert np.allclose(np.abs(aff[:3, :2]), np.diag([pixel, pixel, 0])[:, :2])  # axial plane, 4 mm pixels
+    assert np.allclose(aff[:3, 2], [0, 0, 1])
+    # slice numbers refer to the template array: world z = -72 mm + index (MNI152 2009a, 1 mm)
+    assert aff[2, 3] == pytest.approx(-72.0 + e["slice"])
+
+
+def test_labelmap_affines_match_volume(tmp_path, labelmap_dir):
+    out = _labelmaps(labelmap_dir, tmp_path / "ds", max_slices_per_subject=None, min_brain_fraction=0.5).run()
+    dl = json.loads((out / "datalist.json").read_text())
+    src = nib.load(labelmap_dir / "seg_03.nii.gz")
+    src_lab = np.asarray(src.dataobj)
+    classes = np.select([np.isin(src_lab, [24, 4]), np.isin(src_lab, [3, 10]), src_lab == 2], [1, 2, 3], 0)
+    inv = np.linalg.inv(src.affine)
+    agree = []
+    for e in dl["testing"]:
+        img = nib.load(out / e["label"])
+        lab = np.asarray(img.dataobj)
+        ij = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1).reshape(-1, 2)
+        world = img.affine @ np.c_[ij, np.zeros(len(ij)), np.ones(len(ij))].T
+        vox = np.rint(inv @ world)[:3].astype(int)
+        assert np.all(vox[1] == e["slice"])  # the source's axial axis is array axis 1 (L, I, A)
+        inside = np.all((vox >= 0) & (vox < np.array(src_lab.shape)[:, None]), axis=0)
+        got = lab.reshape(-1)[inside]
+        agree.append(np.mean(got == classes[tuple(vox[:, inside])]))
+    assert len(agree) >= 3 and np.mean(agree) > 0.85
+
+
+def test_determinism_and_seeds(tmp_path):
+    a = DatasetPreparer("mni", tmp_path / "a", seed=3, **TINY_MNI)
+    b = DatasetPreparer("mni", tmp_path / "b", seed=3, **TINY_MNI)
+    c = DatasetPreparer("mni", tmp_path / "c", seed=4, **TINY_MNI)
+    ra, rb, rc = (p.source.prepare("sub-02", p) for p in (a, b, c))
+    for k in ("PDw", "T1w", "T2w"):
+        assert np.array_equal(ra.images[k], rb.images[k])
+        assert not np.allclose(ra.images[k], rc.images[k])
+    assert np.array_equal(ra.label, rb.label) and not np.array_equal(ra.label, rc.label)
+    # subjects differ from each other too
+    r1 = a.source.prepare("sub-01", a)
+    assert not np.array_equal(r1.label, ra.label)
+
+
+def test_existing_dataset_dir_and_overwrite(tmp_path, labelmap_dir):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(DataPreparationError, match="already exists") as err:
+        _labelmaps(labelmap_dir, out).run()
+    assert str(out) in str(err.value)
+    _labelmaps(labelmap_dir, out, overwrite=True).run()
+    assert (out / "datalist.json").is_file() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "maps"]
+
+
+def test_failed_run_leaves_nothing(tmp_path, labelmap_dir, label_map_factory):
+    label_map_factory(labelmap_dir / "seg_03.nii.gz", extra_label=999)  # the test subject, written last
+    out = tmp_path / "ds"
+    with pytest.raises(DataPreparationError, match="999"):
+        _labelmaps(labelmap_dir, out).run()
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_dir", "does not exist"),
+        ("empty_dir", "empty"),
+        ("only_text", "no NIfTI"),
+        ("non_nifti", "not a NIfTI file"),
+        ("corrupt", "not a readable NIfTI"),
+        ("unknown_label", "unknown label value 999"),
+        ("non_integer", "non-integer label"),
+        ("two_d", "expected a 3D volume"),
+        ("four_d", "expected a 3D volume"),
+        ("missing_subject", "no label map for subject '07'"),
+        ("both_splits", "in both splits"),
+    ],
+)
+def test_bad_labelmap_input(tmp_path, label_map_factory, case, match):
+    d = tmp_path / "maps"
+    d.mkdir()
+    training, testing = ["01"], ["02"]
+    named = d / "seg_02.nii.gz"  # the file the message must name
+    if case == "missing_dir":
+        d.rmdir()
+        named = d
+    elif case == "empty_dir":
+        named = d
+    else:
+        label_map_factory(d / "seg_01.nii.gz")
+    if case == "only_text":
+        (d / "seg_01.nii.gz").unlink()
+        (d / "notes.txt").write_text("hello")
+        named = d
+    elif case == "non_nifti":
+        named = d / "seg_02.png"
+        named.write_bytes(b"\x89PNG not really")
+    elif case == "corrupt":
+        named.write_bytes(b"this is not gzip")
+    elif case == "unknown_label":
+        label_map_factory(named, extra_label=999)
+    elif case == "non_integer":
+        nib.save(nib.Nifti1Image(np.full((8, 8, 8), 2.5, np.float32), np.eye(4)), str(named))
+    elif case == "two_d":
+        nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), str(named))
+    elif case == "four_d":
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.int16), np.eye(4)), str(named))
+    elif case == "missing_subject":
+        testing = ["07"]
+        named = d
+    elif case == "both_splits":
+        training, testing = ["01", "02"], ["02"]
+        named = None
+    out = tmp_path / "ds"
+    with pytest.raises(DataPreparationError, match=match) as err:
+        _labelmaps(d, out, training=training, testing=testing).run()
+    msg = str(err.value)
+    assert "\n" not in msg
+    if named is not None:
+        assert str(named) in msg
+    if case in ("missing_dir", "empty_dir", "only_text", "missing_subject"):
+        assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, InputNotFoundError)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"source": "brainweb"}, "source 'brainweb' is not one of: mni, labelmaps, ixi"),
+        ({"spatial_size": [64]}, "spatial_size"),
+        ({"min_brain_fraction": 2}, "min_brain_fraction"),
+        ({"mni": {"num_training": 0}}, "num_training"),
+        ({"mni": {"bogus": 1}}, "bogus"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    kw = {"source": "mni", "dataset_dir": tmp_path / "ds", **kwargs}
+    with pytest.raises(DataPreparationError, match=match):
+        DatasetPreparer(**kw).run()
+    assert not (tmp_path / "ds").exists()
+
+
+def test_config_entry_point_reports_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        prepare_dataset(DatasetPreparer("nope", tmp_path / "ds"))
+    assert str(err.value) == "data preparation failed: source 'nope' is not one of: mni, labelmaps, ixi"
+
+
+def test_ixi_bad_input(tmp_path):
+    pd, t1 = tmp_path / "pd", tmp_path / "t1"
+    with pytest.raises(InputNotFoundError, match="IXI PD directory .* does not exist"):
+        DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": pd, "t1_dir": t1}).run()
+    pd.mkdir()
+    t1.mkdir()
+    (pd / "IXI002-Guys-0828-PD.png").write_bytes(b"png")
+    with pytest.raises(DataPreparationError, match="IXI002-Guys-0828-PD.png: not a NIfTI file"):
+        DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": pd, "t1_dir": t1}).run()
+    (pd / "IXI002-Guys-0828-PD.png").unlink()
+    with pytest.raises(InputNotFoundError, match=f"IXI PD directory {pd}: no IXI PD NIfTI volumes"):
+        DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": pd, "t1_dir": t1}).run()
+
+
+def test_bundle_run_end_to_end(tmp_path):
+    """``python -m monai.bundle run --config_file configs/prepare.json`` on a tiny mni configuration."""
+    out = tmp_path / "mni"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/prepare.json",
+        "--dataset_dir",
+        str(out),
+        "--spatial_size",
+        "[48, 48]",
+        "--max_slices_per_subject",
+        "2",
+        "--mni#num_training",
+        "1",
+        "--mni#num_testing",
+        "1",
+    ]
+    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dl = load_decathlon_datalist(str(out / "datalist.json"), data_list_key="testing", base_dir=str(out))
+    assert len(dl) == 2 and Path(dl[0]["target"]).is_file()
+    # a wrong source name fails with one clear line and writes nothing
+    bad = cmd[:4] + ["--config_file", "configs/prepare.json", "--source", "nope", "--dataset_dir", str(tmp_path / "x")]
+    proc = subprocess.run(bad, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "data preparation failed: source 'nope' is not one of: mni, labelmaps, ixi"
+    )
+    assert not (tmp_path / "x").exists()
