@@ -1234,3 +1234,48 @@ def save_examples_figure(
     fig.savefig(out_path, dpi=80)
     plt.close(fig)
     return out_path
+
+
+def make_demo_input(datalist: str | os.PathLike, output_dir: str | os.PathLike, count: int = 4) -> Path:
+    """Copy `count` test slices (source and, for the figure only, target) of a prepared dataset into `output_dir`.
+
+    This is how the shipped demo input (``demo/``) was made from the offline ``mni`` source; the translation never
+    reads the target.
+    """
+    import json
+    import shutil
+
+    datalist = Path(datalist)
+    if not datalist.is_file():
+        raise InputNotFoundError(f"datalist not found: {datalist}")
+    testing = json.loads(datalist.read_text()).get("testing") or []
+    if len(testing) < count:
+        raise DataPreparationError(f"{datalist}: {len(testing)} testing entries, fewer than the {count} asked for")
+    by_subject: dict[str, list[dict]] = {}
+    for entry in testing:
+        by_subject.setdefault(entry["subject"], []).append(entry)
+    per_subject = max(1, -(-count // len(by_subject)))  # mid-brain slices of each subject, not the skull base
+    fractions = [0.45 + 0.25 * i / max(1, per_subject - 1) for i in range(per_subject)]
+    picked = [
+        sorted(entries, key=lambda e: e["slice"])[int(f * (len(entries) - 1))]
+        for entries in by_subject.values()
+        for f in fractions
+    ][:count]
+    output = Path(output_dir)
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    entries = []
+    for entry in picked:
+        names = {}
+        for key in ("image", "target"):
+            source = datalist.parent / entry[key]
+            shutil.copyfile(source, staging / source.name)
+            names[key] = source.name
+        entries.append({**names, "subject": entry["subject"], "slice": entry["slice"]})
+    content = {"name": "demo input (PDw slices simulated from the MNI152 2009a template)", "testing": entries}
+    (staging / "datalist.json").write_text(json.dumps(content, indent=2))
+    shutil.rmtree(output, ignore_errors=True)
+    staging.rename(output)
+    logger.info(f"wrote {len(entries)} demo slices to {output}")
+    return output

@@ -70,6 +70,9 @@ class LMIGuidedInferer(DiffusionInferer):
         guidance_scale: step size of the LMI-gradient ascent on the x0 estimate (0 disables it).
         projection: the LMI projection applied to each x0 estimate (None disables it).
         projection_strength: blend between the network's x0 (0) and its projection (1).
+        projection_start: project only the x0 estimates of timesteps below this one: early estimates are blurry
+            means whose projection would flatten the contrast before the prior has chosen it (the final estimate
+            is always projected when a projection is given).
         recompute_every: recompute LMI(source, x_t) every this many steps (1 = every step, as in the paper).
         eta: DDIM stochasticity (0 = deterministic DDIM).
         model_size: spatial size the network works on; None uses the input size.
@@ -86,6 +89,7 @@ class LMIGuidedInferer(DiffusionInferer):
         guidance_scale: float = 0.0,
         projection: LocalConditionalMean | None = None,
         projection_strength: float = 1.0,
+        projection_start: int = 1000,
         recompute_every: int = 1,
         eta: float = 0.0,
         model_size: Sequence[int] | None = None,
@@ -103,6 +107,7 @@ class LMIGuidedInferer(DiffusionInferer):
         self.guidance_scale = float(guidance_scale)
         self.projection = projection
         self.projection_strength = float(projection_strength)
+        self.projection_start = int(projection_start)
         self.recompute_every = int(recompute_every)
         self.eta = float(eta)
         self.model_size = tuple(model_size) if model_size is not None else None
@@ -157,15 +162,15 @@ class LMIGuidedInferer(DiffusionInferer):
             return self.scheduler.step(output, int(t), sample, generator=generator)[0]
         return self.scheduler.step(output, int(t), sample)[0]
 
-    def _guide(self, x0: torch.Tensor, source: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """Correct the model-space x0 estimate with LMI guidance and the LMI projection."""
+    def _guide(self, x0: torch.Tensor, source: torch.Tensor, head: torch.Tensor, project: bool) -> torch.Tensor:
+        """Correct the model-space x0 estimate with LMI guidance and (when `project`) the LMI projection."""
         if self.guidance_scale > 0:
             with torch.enable_grad():
                 estimate = from_model_space(x0).detach().requires_grad_(True)
                 energy = self.conditioner.lmi(source, estimate)[0].sum()
                 (gradient,) = torch.autograd.grad(energy, estimate)
             x0 = x0 + 2.0 * self.guidance_scale * gradient
-        if self.projection is not None and self.projection_strength > 0:
+        if project and self.projection is not None and self.projection_strength > 0:
             projected = to_model_space(self.projection(from_model_space(x0), source, head))
             x0 = torch.lerp(x0, projected, self.projection_strength)
         return x0.clamp(-1.0, 1.0)
@@ -195,7 +200,9 @@ class LMIGuidedInferer(DiffusionInferer):
                 condition = self.conditioner(source, sample, static)
             t_batch = torch.full((source.shape[0],), int(t), device=source.device, dtype=torch.long)
             output = network(torch.cat([sample, condition], dim=1), timesteps=t_batch)
-            x0 = self._guide(x0_from_model_output(self.scheduler, output, sample, t_batch), source, head_model)
+            last = index == len(timesteps) - 1
+            project = int(t) < self.projection_start or last
+            x0 = self._guide(x0_from_model_output(self.scheduler, output, sample, t_batch), source, head_model, project)
             output = model_output_from_x0(self.scheduler, x0, sample, t_batch)
             sample = self._step(output, t, sample, generator)
 

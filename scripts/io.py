@@ -70,10 +70,12 @@ def source_datalist(
 ) -> list[dict]:
     """The source images to translate, as ``[{"image": path}, ...]``, from a folder or a Decathlon datalist.
 
+    A folder (`input_dir`) takes precedence over a datalist, so ``--input_dir`` alone overrides the demo datalist.
+
     Every file is validated up front (:func:`validate_nifti`), so a bad file fails before minutes of sampling.
     """
-    if (input_dir is None) == (datalist is None):
-        raise InputError("give exactly one of input_dir (a folder of NIfTI files) or datalist (a JSON datalist)")
+    if input_dir is None and datalist is None:
+        raise InputError("give input_dir (a folder of NIfTI files) or datalist (a JSON datalist)")
     if input_dir is not None:
         folder = Path(input_dir)
         if not folder.is_dir():

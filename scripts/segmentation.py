@@ -24,7 +24,7 @@ from sklearn.cluster import KMeans
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KMeansTissueSegmenter", "TissueSegmentd", "fit_segmenter"]
+__all__ = ["KMeansTissueSegmenter", "TissueSegmentd", "fit_from_datalist", "fit_segmenter"]
 
 FORMAT = "kmeans-tissue-segmenter/1"
 CLASS_NAMES = ("CSF", "GM", "WM")
@@ -137,3 +137,38 @@ class TissueSegmentd(MapTransform):
                 MetaTensor(labels, meta=dict(image.meta)) if isinstance(image, MetaTensor) else labels
             )
         return d
+
+
+def _training_mask_path(entry: dict, base_dir: Path) -> Path:
+    """The brain mask of a training slice: its `mask` key, else the prepare workflow's sibling `*_mask` file."""
+    if "mask" in entry:
+        return base_dir / entry["mask"]
+    image = Path(entry["image"])
+    name = image.name.replace("_T1w.", "_mask.")
+    if name == image.name:
+        raise ValueError(f"training entry {entry['image']} has no 'mask' key and no '_T1w.' name to derive one from.")
+    return base_dir / image.parent / name
+
+
+def fit_from_datalist(
+    datalist: str | os.PathLike, dataset_dir: str | os.PathLike, output: str | os.PathLike, seed: int = 0
+) -> KMeansTissueSegmenter:
+    """Fit on the datalist's `training` (target-only) slices inside their brain masks and save the JSON."""
+    import nibabel as nib
+
+    base = Path(dataset_dir)
+    entries = json.loads(Path(datalist).read_text()).get("training") or []
+    if not entries:
+        raise ValueError(f"{datalist}: no 'training' entries to fit the segmenter on.")
+    images, masks = [], []
+    for entry in entries:
+        mask_path = _training_mask_path(entry, base)
+        if not mask_path.is_file():
+            raise FileNotFoundError(f"brain mask not found for training image {entry['image']}: {mask_path}")
+        images.append(np.asarray(nib.load(str(base / entry["image"])).dataobj, dtype=np.float32))
+        masks.append(np.asarray(nib.load(str(mask_path)).dataobj) > 0)
+    segmenter = fit_segmenter(images, masks, seed=seed)
+    segmenter.metadata["datalist"] = str(datalist)
+    segmenter.save(output)
+    logger.info(f"wrote {output}")
+    return segmenter

@@ -20,7 +20,15 @@ from monai.handlers import CheckpointLoader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportWeights", "distributed_backend", "latest_checkpoint", "load_weights", "resume_handlers", "spread"]
+__all__ = [
+    "ExportWeights",
+    "PruneCheckpoints",
+    "distributed_backend",
+    "latest_checkpoint",
+    "load_weights",
+    "resume_handlers",
+    "spread",
+]
 
 _CHECKPOINT = re.compile(r"checkpoint_(?:epoch|iteration)=(\d+)\.pt$")
 
@@ -102,3 +110,27 @@ def spread(items: list, count: int) -> list:
         return list(items)
     step = len(items) / count
     return [items[int(i * step)] for i in range(count)]
+
+
+class PruneCheckpoints:
+    """Ignite handler: keep only the `keep` newest checkpoints in `directory` after each epoch.
+
+    The CheckpointSaver of a resumed run does not know the files of the run before it, so without this the
+    directory would gain one full checkpoint per interruption.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 1) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        found = []
+        for path in self.directory.glob("*.pt"):
+            match = _CHECKPOINT.search(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        for _, path in sorted(found)[: -self.keep] if len(found) > self.keep else []:
+            path.unlink(missing_ok=True)
