@@ -22,7 +22,14 @@ from monai.transforms import MapTransform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InputError", "SaveTranslationd", "TranslatedDatalistWriter", "source_datalist", "validate_nifti"]
+__all__ = [
+    "InputError",
+    "SaveTranslationd",
+    "TranslatedDatalistWriter",
+    "exit_on_bad_input",
+    "source_datalist",
+    "validate_nifti",
+]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PATH_KEYS = ("image", "target", "label", "mask", "t2")
@@ -190,3 +197,16 @@ class TranslatedDatalistWriter:
         partial.write_text(json.dumps(content, indent=2))
         os.replace(partial, path)
         logger.info(f"wrote {path} ({len(self.entries)} images)")
+
+
+def exit_on_bad_input(function, *args, **kwargs):
+    """Call `function`; turn a bad-input error into one clear line and exit status 1 instead of a traceback.
+
+    The bundle runner wraps any exception raised while evaluating a config expression in a ``RuntimeError`` with
+    a long traceback; ``SystemExit`` passes through it. Use this for the config's entry points that read user input.
+    """
+    try:
+        return function(*args, **kwargs)
+    except (InputError, FileNotFoundError, ValueError) as error:
+        logger.error("%s", error)
+        raise SystemExit(f"error: {error}") from None

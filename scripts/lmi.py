@@ -61,7 +61,7 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
@@ -149,18 +149,85 @@ def _kernel(values: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.
     keeps every product of two weights a normal float32, since subnormal numbers make exp, bmm and log several
     times slower on x86 CPUs.
     """
-    arg = ((values.unsqueeze(-1) - centres) / sigma).square().mul(-0.5)
-    return torch.exp(arg.clamp_min(_LOG_CUTOFF)) * (arg > _LOG_CUTOFF)
+    return _kernel_from_diff(values.unsqueeze(-1) - centres, sigma)
 
 
-def _pair_nmi(a: torch.Tensor, b: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.Tensor:
-    """NMI of patch pairs straight from the definition (dense K x K), differentiable. a, b: (n, p*p) values."""
-    wa = _kernel(a, centres, sigma)  # n, P, K
-    wb = _kernel(b, centres, sigma)
-    ha = _entropy_bits(wa.sum(1), -1)
-    hb = _entropy_bits(wb.sum(1), -1)
-    hab = _entropy_bits(torch.bmm(wa.transpose(1, 2), wb).flatten(1), -1)
-    return 2.0 * (ha + hb - hab) / (ha + hb + EPS)
+def _kernel_from_diff(diff: torch.Tensor, sigma: float) -> torch.Tensor:
+    arg = diff.square().mul_(-0.5 / sigma**2)
+    return torch.exp(arg.clamp_min(_LOG_CUTOFF)).mul_(arg > _LOG_CUTOFF)
+
+
+def _entropy_and_grad(hist: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Entropy in bits of the unnormalised histograms (n, M) and, if asked, its gradient with respect to ``hist``.
+
+    With Z = sum h, p = h / (Z + eps), H = -sum p log2(p + eps) and g = dH/dp = -(log2(p + eps) + p / ((p + eps) ln 2)):
+    dH/dh_j = (g_j - sum_k g_k p_k) / (Z + eps).
+    """
+    z_eps = hist.sum(-1, keepdim=True) + EPS
+    prob = hist / z_eps
+    log_p = torch.log2(prob + EPS)
+    entropy = -(prob * log_p).sum(-1)
+    if not need_grad:
+        return entropy, None
+    g = log_p.add_(prob / ((prob + EPS) * _LN2)).neg_()
+    return entropy, (g - (g * prob).sum(-1, keepdim=True)) / z_eps
+
+
+def _pair_chunk(a, b, centres, sigma, grad_out=None):
+    """Exact (dense K x K) NMI of patch pairs a, b: (n, p*p) values; with ``grad_out`` (n,), the input gradients."""
+    need_grad = grad_out is not None
+    diff_a = a.unsqueeze(-1) - centres  # n, P, K
+    diff_b = b.unsqueeze(-1) - centres
+    u = _kernel_from_diff(diff_a, sigma)
+    v = _kernel_from_diff(diff_b, sigma)
+    h_a, g_a = _entropy_and_grad(u.sum(1), need_grad)
+    h_b, g_b = _entropy_and_grad(v.sum(1), need_grad)
+    joint = torch.bmm(u.transpose(1, 2), v)  # n, K, K
+    n, K = joint.shape[0], joint.shape[1]
+    h_ab, g_ab = _entropy_and_grad(joint.view(n, K * K), need_grad)
+    h_sum = h_a + h_b + EPS
+    nmi = 2.0 * (h_a + h_b - h_ab) / h_sum
+    if not need_grad:
+        return nmi
+    # NMI = 2 (S - H_ab) / (S + eps), S = H_a + H_b
+    c_s = (grad_out * 2.0 * (h_ab + EPS) / h_sum.square()).view(n, 1, 1)
+    c_ab = (grad_out * -2.0 / h_sum).view(n, 1, 1)
+    g_ab = g_ab.view(n, K, K)
+    d_u = torch.bmm(v, g_ab.transpose(1, 2)).mul_(c_ab).add_(g_a.unsqueeze(1) * c_s)  # dNMI/du: n, P, K
+    d_v = torch.bmm(u, g_ab).mul_(c_ab).add_(g_b.unsqueeze(1) * c_s)
+    # du/da = u (c - a) / sigma^2
+    grad_a = -(d_u * u * diff_a).sum(-1) / sigma**2
+    grad_b = -(d_v * v * diff_b).sum(-1) / sigma**2
+    return grad_a, grad_b
+
+
+class _PairNMI(torch.autograd.Function):
+    """NMI of the given patch pairs, chunked, with an analytic backward that recomputes each chunk.
+
+    Nothing of size n*K^2 is kept between forward and backward (only the (n, p*p) patch values), so memory is
+    bounded by the chunk, whatever the batch and image size.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, centres, sigma: float, step: int):
+        ctx.save_for_backward(a, b, centres)
+        ctx.sigma, ctx.step = sigma, step
+        out = torch.empty(a.shape[0], device=a.device, dtype=a.dtype)
+        for start in range(0, a.shape[0], step):
+            out[start : start + step] = _pair_chunk(a[start : start + step], b[start : start + step], centres, sigma)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        a, b, centres = ctx.saved_tensors
+        grad_a = torch.empty_like(a)
+        grad_b = torch.empty_like(b)
+        step = ctx.step
+        for start in range(0, a.shape[0], step):
+            sl = slice(start, start + step)
+            grad_a[sl], grad_b[sl] = _pair_chunk(a[sl], b[sl], centres, ctx.sigma, grad_out[sl])
+        return grad_a, grad_b, None, None, None
 
 
 def _tail_margin(num_bins: int, sigma: float) -> float:
@@ -374,15 +441,8 @@ def local_mutual_information(
         y_patch = F.unfold(y_h, p, padding=a).gather(2, win.expand(B, p * p, H * W)).transpose(1, 2)
         y_patch = y_patch.reshape(B * H * W, p * p)
         centres = torch.linspace(0.0, 1.0, num_bins, device=dev, dtype=s.dtype)
-        step = max(1, chunk_entries // (4 * num_bins * num_bins))
-        parts = []
-        for start in range(0, B * H * W, step):
-            a_c, b_c = s_patch[start : start + step], y_patch[start : start + step]
-            if B * H * W <= step:
-                parts.append(_pair_nmi(a_c, b_c, centres, sigma))
-            else:
-                parts.append(checkpoint(_pair_nmi, a_c, b_c, centres, sigma, use_reentrant=False))
-        lmi = torch.cat(parts).reshape(B, 1, H, W)
+        step = max(1, chunk_entries // (num_bins * num_bins))
+        lmi = _PairNMI.apply(s_patch, y_patch, centres, sigma, step).reshape(B, 1, H, W)
     else:
         lmi = best.unsqueeze(1)
     return lmi.to(out_dtype), aligned.to(out_dtype)

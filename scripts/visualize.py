@@ -75,14 +75,19 @@ class TranslationFigure:
 
     def collect(self, engine: Engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in outputs:
+        # The engine's output keeps image/label/pred only; the target path is in the (decollated) batch.
+        batch = engine.state.batch
+        if isinstance(batch, Mapping):
+            targets = batch.get("target") or [None] * len(outputs)
+        else:
+            targets = [b.get("target") if isinstance(b, Mapping) else None for b in batch]
+        for item, target in zip(outputs, targets, strict=False):
             if len(self.rows) >= self.max_rows or not isinstance(item, Mapping):
                 continue
             row = {
                 "source": middle_slice(torch.as_tensor(item["image"]).cpu().numpy()),
                 "translated": middle_slice(torch.as_tensor(item["pred"]).cpu().numpy()),
             }
-            target = item.get("target")
             if isinstance(target, str) and Path(target).is_file():
                 row["target (not seen)"] = middle_slice(nib.load(target).get_fdata())
             elif isinstance(target, (torch.Tensor, MetaTensor)):
