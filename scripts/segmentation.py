@@ -73,8 +73,8 @@ class KMeansTissueSegmenter:
         if not path.is_file():
             raise FileNotFoundError(f"segmenter file not found: {path}")
         try:
-            content = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: not a valid segmenter file (not JSON: {error})") from error
         if not isinstance(content, dict) or content.get("format") != FORMAT:
             raise ValueError(f"{path}: not a valid segmenter file (expected format '{FORMAT}')")
