@@ -123,17 +123,23 @@ class LMIGuidedInferer(DiffusionInferer):
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         head: torch.Tensor | None = None,
+        static: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Training forward pass when `noise` and `timesteps` are given, otherwise a translation of `inputs`."""
+        """Training forward pass when `noise` and `timesteps` are given, otherwise a translation of `inputs`.
+
+        `static` holds precomputed reference-only channels (``scripts.diffusion.StaticConditiond``) when the data
+        pipeline cached them; otherwise they are computed here from `inputs` and `head`.
+        """
         if noise is None or timesteps is None:
             return self.translate(inputs, network, head=head)
         reference = torch.as_tensor(inputs).float()
-        head = self._head(reference) if head is None else torch.as_tensor(head).to(reference)
         noisy = self.scheduler.add_noise(original_samples=to_model_space(reference), noise=noise, timesteps=timesteps)
         with torch.no_grad():
-            static = self.conditioner.static_maps(reference, head)
-            condition = self.conditioner(reference, noisy, static)
+            if static is None:
+                head = self._head(reference) if head is None else torch.as_tensor(head).to(reference)
+                static = self.conditioner.static_maps(reference, head)
+            condition = self.conditioner(reference, noisy, torch.as_tensor(static).to(reference))
         return network(torch.cat([noisy, condition], dim=1), timesteps=timesteps)
 
     # ---------------------------------------------------------------------------------------------- sampling

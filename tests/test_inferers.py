@@ -11,7 +11,13 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from phantoms import phantom
 
-from scripts.diffusion import LMIConditioner, LMIDiffusionPrepareBatch, model_output_from_x0, x0_from_model_output
+from scripts.diffusion import (
+    LMIConditioner,
+    LMIDiffusionPrepareBatch,
+    StaticConditiond,
+    model_output_from_x0,
+    x0_from_model_output,
+)
 from scripts.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, select_inferer, validate_source
 from scripts.projection import LocalConditionalMean
 from scripts.transforms import head_mask
@@ -150,3 +156,30 @@ def test_volumes_are_translated_slice_by_slice(conditioner, network):
 def test_bad_sources_give_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         validate_source(bad)
+
+
+def test_high_noise_fraction_biases_the_timesteps():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    images = torch.zeros(4000, 1, 1, 1)
+    uniform = LMIDiffusionPrepareBatch(scheduler).get_timesteps(images)
+    biased = LMIDiffusionPrepareBatch(scheduler, high_noise_fraction=0.5, high_noise_start=600).get_timesteps(images)
+    assert 0.35 < (uniform >= 600).float().mean() < 0.45
+    assert 0.65 < (biased >= 600).float().mean() < 0.75  # 0.5 + 0.5 * 0.4
+    assert int(biased.min()) >= 0 and int(biased.max()) < 1000
+    with pytest.raises(ValueError, match="high_noise_fraction"):
+        LMIDiffusionPrepareBatch(scheduler, high_noise_fraction=1.5)
+
+
+def test_cached_static_maps_give_the_same_training_forward(conditioner, network):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    image = phantom(32, seed=5)[0]
+    head = torch.from_numpy(head_mask(image[0].numpy())).float()[None]
+    cached = StaticConditiond("image", conditioner)({"image": image, "head": head})
+    assert cached["static"].shape == (conditioner.num_channels - 1, 32, 32)
+    batch = {k: v[None] for k, v in cached.items()}
+    inputs, _, _, kwargs = LMIDiffusionPrepareBatch(scheduler)(batch)
+    assert "static" in kwargs
+    inferer = LMIGuidedInferer(scheduler, conditioner)
+    with_cache = inferer(inputs, network, **kwargs)
+    kwargs.pop("static")
+    assert torch.allclose(with_cache, inferer(inputs, network, **kwargs), atol=1e-6)

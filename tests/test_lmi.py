@@ -155,6 +155,33 @@ def test_dense_chunked_path_matches_reference(monkeypatch, setting):
     _check_against_reference(s, y, setting, grad=True)
 
 
+def test_parallel_chunk_workers_match_and_restore_thread_count(monkeypatch):
+    """With 2 intra-op threads the CPU chunks run on 2 worker threads: same numbers, caller's setting restored."""
+    monkeypatch.setattr(lmi_module, "_budgets", lambda device: (20_000, 1 << 30))  # many chunks
+    s, y = _pair("structured", (12, 11), seed=6)
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        y_grad = y.clone().requires_grad_(True)
+        value, aligned = local_mutual_information(s, y_grad, num_bins=16)
+        value.sum().backward()
+        results[threads] = (local_mutual_information(s, y, num_bins=16), value.detach(), aligned, y_grad.grad)
+        assert torch.get_num_threads() == threads
+    (search_1, value_1, aligned_1, grad_1), (search_2, value_2, aligned_2, grad_2) = results[1], results[2]
+    assert torch.allclose(search_1[0], search_2[0], atol=1e-12, rtol=0) and torch.equal(search_1[1], search_2[1])
+    assert torch.allclose(value_1, value_2, atol=1e-12, rtol=0) and torch.equal(aligned_1, aligned_2)
+    assert torch.allclose(grad_1, grad_2, atol=1e-12, rtol=0)
+
+
+def test_worker_errors_propagate():
+    def fail(task):
+        if task == 3:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        lmi_module._run_tasks(fail, list(range(6)), workers=2)
+
+
 def test_small_and_degenerate_shapes():
     for size, setting in [((1, 6), (3, 3, 8, DEFAULT_SIGMA)), ((4, 1), (3, 3, 27, DEFAULT_SIGMA))]:
         s, y = _pair("random", size, seed=7)
