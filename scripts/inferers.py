@@ -67,7 +67,8 @@ class LMIGuidedInferer(DiffusionInferer):
             ``prediction_type`` matches the trained network.
         conditioner: builds the LMI conditioning channels; must match the one used in training.
         num_inference_steps: reverse steps.
-        guidance_scale: step size of the LMI-gradient ascent on the x0 estimate (0 disables it).
+        guidance_scale: largest intensity change (in [0, 1] units) per step of the normalised LMI-gradient ascent on
+            the x0 estimate (0 disables it).
         projection: the LMI projection applied to each x0 estimate (None disables it).
         projection_strength: blend between the network's x0 (0) and its projection (1).
         projection_start: project only the x0 estimates of timesteps below this one: early estimates are blurry
@@ -175,7 +176,10 @@ class LMIGuidedInferer(DiffusionInferer):
                 estimate = from_model_space(x0).detach().requires_grad_(True)
                 energy = self.conditioner.lmi(source, estimate)[0].sum()
                 (gradient,) = torch.autograd.grad(energy, estimate)
-            x0 = x0 + 2.0 * self.guidance_scale * gradient
+            # Normalised ascent step: `guidance_scale` is the largest intensity change (in [0, 1] units) per step,
+            # whatever the LMI gradient's magnitude (which grows with the number of windows a pixel belongs to).
+            peak = gradient.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            x0 = x0 + 2.0 * self.guidance_scale * gradient / peak
         if project and self.projection is not None and self.projection_strength > 0:
             projected = to_model_space(self.projection(from_model_space(x0), source, head))
             x0 = torch.lerp(x0, projected, self.projection_strength)

@@ -183,3 +183,19 @@ def test_cached_static_maps_give_the_same_training_forward(conditioner, network)
     with_cache = inferer(inputs, network, **kwargs)
     kwargs.pop("static")
     assert torch.allclose(with_cache, inferer(inputs, network, **kwargs), atol=1e-6)
+
+
+def test_ddpm_ancestral_sampling_is_seeded(conditioner, network):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    inferer = LMIGuidedInferer(scheduler, conditioner, num_inference_steps=3, seed=1)
+    first, second = inferer(phantom(), network), inferer(phantom(), network)
+    assert torch.equal(first, second) and first.shape == (1, 1, 32, 32)
+
+
+def test_lmi_guidance_raises_the_lmi_with_the_source(conditioner, network):
+    source = phantom(32, seed=2)
+    plain = make_inferer(conditioner, mask_background=False)(source, network)
+    guided = make_inferer(conditioner, mask_background=False, guidance_scale=0.05)(source, network)
+    assert not torch.equal(plain, guided)
+    lmi = conditioner.lmi
+    assert float(lmi(source, guided)[0].mean()) > float(lmi(source, plain)[0].mean())
