@@ -169,7 +169,9 @@ class LMIGuidedInferer(DiffusionInferer):
             return self.scheduler.step(output, int(t), sample, generator=generator)[0]
         return self.scheduler.step(output, int(t), sample)[0]
 
-    def _guide(self, x0: torch.Tensor, source: torch.Tensor, head: torch.Tensor, project: bool) -> torch.Tensor:
+    def _guide(
+        self, x0: torch.Tensor, source: torch.Tensor, head: torch.Tensor, project: bool, pixel_scale: float = 1.0
+    ) -> torch.Tensor:
         """Correct the model-space x0 estimate with LMI guidance and (when `project`) the LMI projection."""
         if self.guidance_scale > 0:
             with torch.enable_grad():
@@ -181,7 +183,7 @@ class LMIGuidedInferer(DiffusionInferer):
             peak = gradient.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
             x0 = x0 + 2.0 * self.guidance_scale * gradient / peak
         if project and self.projection is not None and self.projection_strength > 0:
-            projected = to_model_space(self.projection(from_model_space(x0), source, head))
+            projected = to_model_space(self.projection(from_model_space(x0), source, head, pixel_scale))
             x0 = torch.lerp(x0, projected, self.projection_strength)
         return x0.clamp(-1.0, 1.0)
 
@@ -212,7 +214,8 @@ class LMIGuidedInferer(DiffusionInferer):
             output = network(torch.cat([sample, condition], dim=1), timesteps=t_batch)
             last = index == len(timesteps) - 1
             project = int(t) < self.projection_start or last
-            x0 = self._guide(x0_from_model_output(self.scheduler, output, sample, t_batch), source, head_model, project)
+            x0_net = x0_from_model_output(self.scheduler, output, sample, t_batch)
+            x0 = self._guide(x0_net, source, head_model, project, full_size[0] / size[0])
             output = model_output_from_x0(self.scheduler, x0, sample, t_batch)
             sample = self._step(output, t, sample, generator)
 

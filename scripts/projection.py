@@ -58,13 +58,20 @@ class LocalConditionalMean(torch.nn.Module):
         self.bin_sigma = bin_sigma
         self.spatial_sigma = spatial_sigma
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """`x`, `source` (in [0, 1]) and optional `weight` (e.g. a head mask): (B, 1, H, W). Returns (B, 1, H, W)."""
+    def forward(
+        self, x: torch.Tensor, source: torch.Tensor, weight: torch.Tensor | None = None, pixel_scale: float = 1.0
+    ) -> torch.Tensor:
+        """`x`, `source` (in [0, 1]) and optional `weight` (e.g. a head mask): (B, 1, H, W). Returns (B, 1, H, W).
+
+        `pixel_scale` is the size of this grid's pixel relative to the grid `spatial_sigma` was set for (2 on a
+        64 x 64 model grid for a 128 x 128 image), so the window covers the same anatomy on either grid.
+        """
         if x.shape != source.shape or x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"x and source must share a (B, 1, H, W) shape, got {tuple(x.shape)} and {source.shape}.")
         centres = torch.linspace(0.0, 1.0, self.num_bins, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         bins = torch.exp(-0.5 * ((source - centres) / self.bin_sigma) ** 2)  # (B, K, H, W)
         sample_weight = bins if weight is None else bins * weight
-        numerator = _blur(sample_weight * x, self.spatial_sigma)
-        denominator = _blur(sample_weight, self.spatial_sigma)
+        sigma = self.spatial_sigma / pixel_scale
+        numerator = _blur(sample_weight * x, sigma)
+        denominator = _blur(sample_weight, sigma)
         return (bins * numerator).sum(1, keepdim=True) / (bins * denominator).sum(1, keepdim=True).clamp_min(1e-12)
