@@ -347,6 +347,16 @@ def select_slices(area: np.ndarray, step: int, min_fraction: float, max_slices: 
     return ks
 
 
+def plan_slices(mask: np.ndarray, affine: np.ndarray, preparer: DatasetPreparer) -> tuple[np.ndarray, np.ndarray]:
+    """Axial slices to cut from a canonical volume (every `slice_step_mm`, enough of `mask` in each) and the
+    in-plane centre of `mask`'s bounding box, on which the output grid is centred."""
+    vox = np.linalg.norm(affine[:3, :3], axis=0)
+    step = max(1, int(round(preparer.slice_step_mm / vox[2])))
+    ks = select_slices(mask.sum((0, 1)), step, preparer.min_brain_fraction, preparer.max_slices_per_subject)
+    nz = np.argwhere(mask.any(2))
+    return ks, (nz.min(0) + nz.max(0)) / 2.0
+
+
 def smooth_random_field(points_mm: np.ndarray, rng: np.random.Generator, wavelength_mm: float, n: int = 24):
     """A smooth random field (about unit variance) at world points ``(..., 3)``: random Fourier features."""
     direction = rng.standard_normal((n, 3))
@@ -537,10 +547,7 @@ class LabelMapSource(_Source):
         if not brain.any():
             raise DataPreparationError(f"label map {path}: no brain labels (all voxels are background)")
         vox = np.linalg.norm(aff[:3, :3], axis=0)
-        step = max(1, int(round(preparer.slice_step_mm / vox[2])))
-        ks = select_slices(brain.sum((0, 1)), step, preparer.min_brain_fraction, preparer.max_slices_per_subject)
-        nz = np.argwhere(brain.any(2))
-        center = (nz.min(0) + nz.max(0)) / 2.0
+        ks, center = plan_slices(brain, aff, preparer)
         grid = preparer.grid
         affines = np.stack([grid.slice_affine(aff, center, k) for k in ks])
         world = voxel_to_world(aff, grid.voxel_points(aff, center, ks))
@@ -875,11 +882,7 @@ class IXISource(_Source):
         head = head_mask(canon["PDw"].data)
         if not head.any():
             raise DataPreparationError(f"IXI PD volume {pd_path}: no head found (empty image)")
-        vox = np.linalg.norm(aff[:3, :3], axis=0)
-        step = max(1, int(round(preparer.slice_step_mm / vox[2])))
-        ks = select_slices(head.sum((0, 1)), step, preparer.min_brain_fraction, preparer.max_slices_per_subject)
-        nz = np.argwhere(head.any(2))
-        center = (nz.min(0) + nz.max(0)) / 2.0
+        ks, center = plan_slices(head, aff, preparer)
         grid = preparer.grid
         icoords, jcoords = grid.axes(aff, center)
         sigma = np.r_[grid.antialias_sigma(aff), 0.0]
