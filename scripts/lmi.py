@@ -10,47 +10,63 @@ histograms with ``K`` bin centres ``c = linspace(0, 1, K)`` and the kernel ``w(v
 ``h_a(k) = sum_n w(a_n, c_k)``, ``h_ab(k, l) = sum_n w(a_n, c_k) w(b_n, c_l)``, ``p = h / (sum h + eps)``,
 ``H = -sum p log2(p + eps)``, ``eps = 1e-10``. ``aligned`` is ``y`` at the arg-max ``j`` (first maximum in the
 order centre, then row-major over the search window). A flat patch pair has a rank-one joint histogram, so
-``I = 0`` and NMI = 0 there.
+``I = 0`` and NMI = 0 there. Two consequences of the definition worth knowing: the marginal histograms are not
+the marginals of the joint one (a sample's kernel total ``sum_k w(v, c_k)`` varies with ``v``: 0.15 to 1 at
+K = 8, ~2.05 at K = 27 away from 0 and 1), so NMI can exceed 1 and I can be slightly negative; and the kernel's
+own entropy (1.75 bits at K = 27) caps the NMI of structured patches well below 1 (0.34 for a 6:3 two-level
+patch at K = 27, 0.78 at K = 8).
 
-Formulation (why it is fast). Everything below was measured on the 2-core CPU of the project (torch 2.13),
-one 128 x 128 image, single-thread CPU time unless stated; figures for the whole layer are in
-``benchmarks/results/lmi.json`` (``benchmarks/bench_lmi.py``).
+Formulation (why it is fast). Measured on the project's 2-core CPU (torch 2.13), one 128 x 128 image, one
+thread; the layer's own figures are in ``benchmarks/results/lmi.json`` (``benchmarks/bench_lmi.py``). The
+plain way (unfold every patch pair, one K x K histogram each, vectorised over pixels) takes 0.17 s at K = 8 and
+1.6 s at K = 27; this layer 33-38 ms and 0.14-0.23 s (brain slice to pure-noise inputs).
 
 1. Shared kernel weights. The Gaussian weights are computed once per pixel (a (H+2g, W+2g, K) map,
-   ``g = p//2 + r//2``) and every patch reads them: the plain way recomputes them for each of the r*r pairs.
-   The marginal histograms are p x p box filters of that map, so H(P_s(i)) is one map, and H(P_y(j)) is one
-   map over the search-padded grid that the r*r candidates read shifted (no per-pair marginal work). The
-   joint normaliser ``Z = sum_n (sum_k w(a_n, c_k)) (sum_l w(b_n, c_l))`` is a box filter of a product of
-   per-pixel totals, one small map per shift.
+   ``g = p//2 + r//2``) and every patch reads them; the plain way recomputes them for each of the r*r pairs.
+   The marginal histograms are p x p box sums of that map, so H(P_s(i)) is one map, and H(P_y(j)) is one map
+   over the search-padded grid that the r*r candidates read shifted (no per-pair marginal work). The joint
+   normaliser ``Z = sum_n (sum_k w(a_n, c_k)) (sum_l w(b_n, c_l))`` is a box sum of a product of per-pixel
+   totals, one small map per shift; the y rows are scaled by ``1 / (Z + eps)`` before the product, which then
+   yields ``p`` directly. Weights below exp(-36) are set to 0: subnormal floats made ``exp`` 8x slower.
 2. Joint histograms as batched matrix products. For pixel ``i`` and shift ``d`` the joint histogram is
    ``U_i^T V_{i+d}`` with ``U`` (p*p x K) the weight rows of the s patch and ``V`` those of the y patch. The
-   patch matrices are materialised once per grid position (``as_strided`` copy), and the r*r candidate matrices
-   of a pixel are rows ``q + offset_d`` of the y table (``index_select``), so one ``bmm`` per chunk gives all
-   r*r joint histograms. The alternative "outer product per pixel, then a p x p box filter" costs 86 ms per
-   shift at K = 27 (memory bound), ``bmm`` 21 ms; ``bmm`` orientation matters (K = 8: 5 ms as (K x p*p)(p*p x r*r*K)
-   versus 16 ms as (r*r*K x p*p)(p*p x K)).
-3. The cost is the logarithms. Once (1)-(2) are done, ``sum J log J`` over K*K entries per pixel and shift is
-   what is left: ~1 ns per entry (9.4 M entries, 10 ms at K = 8; 107 M entries, 110 ms at K = 27), more than
-   the ``bmm``. So the work per pixel is cut where it is provably negligible: a sample's kernel weight is
-   below 1.5e-8 of its peak beyond ``6 sigma``, so a patch only touches the bins within 6 sigma of its
-   [min, max] intensity range (clamped to [0, 1]). Each grid position gets a bin window
-   ``[k0, k0 + L)`` covering that range, with ``L`` the smallest of a few widths (tiers, e.g. 12, 16, 27 at
-   K = 27; 5, 8 at K = 8) that fits; the s side uses the s patch's window, the y side the widest of the r*r
-   candidates'. Pixels are grouped by their (s, y) tier pair and each group is computed on L_s x L_y entries
-   instead of K x K. On a BrainWeb PD/T1 slice at K = 27, 61 % of the pixels fit a 12-bin window and 82 % a
-   16-bin one, which halves the time of the dense version; pure noise (no pixel fits) costs the same as
-   dense. The truncation error is below 1e-7 in NMI (tested against a plain float64 implementation to 1e-5).
-4. Memory traffic. Chunks of ~1 M histogram entries with preallocated output buffers (``out=``): allocating
-   each chunk's tensors anew page-faults and cost 2-3x the compute (alloc 232 ms vs 128 ms at K = 27).
-   Images are processed one at a time, so peak memory does not grow with the batch.
-5. Gradients. The search runs under ``no_grad``; when a gradient is needed, the NMI of each pixel's winning
-   pair is recomputed densely (K x K, exact definition) with autograd, chunk by chunk under activation
-   checkpointing, so the backward pass costs about one shift of work (1/r^2 of the search) and its memory
-   is bounded by the chunk, not by B*H*W*K^2. The gradient of the max is the gradient of the winning
-   candidate; ``aligned`` is a gather of ``y`` and so is differentiable with respect to ``y`` too.
+   patch matrices are materialised once per grid position (``as_strided`` copy); the r*r candidates of a pixel
+   are rows ``q + offset_d`` of the y table (``index_select``), and one ``bmm`` per chunk gives all r*r joint
+   histograms. "Outer product per pixel, then a p x p box filter" is memory bound (86 ms per shift at K = 27
+   against 21 ms for ``bmm``); the ``bmm`` orientation matters (K = 8: 5 ms as (K x p*p)(p*p x r*r*K), 16 ms the
+   other way round).
+3. Then the logarithms are the cost: ``sum p log(p + eps)`` over K*K entries per pixel and shift, ~1 ns per
+   entry (9.4 M entries, 10 ms at K = 8; 107 M, 110 ms at K = 27), more than the ``bmm``. So the entries that
+   are provably negligible are skipped: beyond ``sigma * sqrt(6^2 + (delta / 2 sigma)^2)`` (delta the bin
+   spacing) a sample's weight is below 1.5e-8 of its own largest bin weight, so a patch only touches the bins
+   within that margin of its [min, max] intensity (clamped to [0, 1]). Each grid position gets a bin window
+   ``[k0, k0 + L)``, ``L`` the narrowest of a few widths that fits (12, 16 or 27 at K = 27; 8 or 16 at K = 16);
+   the s side uses the s patch's window, the y side the widest of its r*r candidates'. Pixels are grouped by
+   (s width, y width) and each group computes L_s x L_y entries instead of K x K. On a BrainWeb PD/T1 slice at
+   K = 27, 61 % of the pixels fit 12 bins and 82 % fit 16: 223 ms dense -> 139 ms (K = 16: 87 -> 67 ms); PD
+   against uniform noise (a diffusion sample) 225 -> 160 ms, the clean source side still fits; noise against
+   noise, where nothing fits, within +-7 % of dense. At K = 8 the only width, 5 of 8 bins, was slower than
+   dense (45 against 38 ms), so K = 8 stays dense. Error: ~1e-8 in NMI on the tests' images (checked against
+   a plain float64 implementation at 1e-5).
+4. Memory traffic. Chunks of ~1 M histogram entries written into per-thread buffers (``out=``): allocating each
+   chunk's tensors anew page-faults and cost 1.8x (232 ms against 128 ms at K = 27). Images go through in
+   sub-batches of at most 256 MB of tables, so peak memory does not grow with the batch (~0.3 GB at batch 8,
+   256 x 256, any K).
+5. Threads. The ops are many and small; under OpenMP each ends in a barrier, and on this shared 2-core machine a
+   barrier waits whenever another job holds a core: 1.3 s instead of 60 ms per image at K = 8 was measured
+   with 2 intra-op threads under a load average of 4. So on the CPU the layer runs with one intra-op thread
+   and spreads independent chunks over as many helper threads as the caller had intra-op threads (scoped to
+   the call; ``torch.get_num_threads()`` is restored). On a GPU everything is dense (no windows) and serial.
+6. Gradients. The search runs under ``no_grad``. When a gradient is needed, each pixel's winning pair is
+   evaluated again exactly (dense K x K) by an autograd Function whose backward is analytic and recomputes
+   chunk by chunk: about 1/r^2 of the search's pairs, nothing of size B*H*W*K^2 is stored (an autograd graph
+   of the plain way needs ~2.4 GB for one 128 x 128 image at K = 27). The gradient of the max is the gradient
+   of the winning candidate; ``aligned`` is a gather of ``y`` and is differentiable with respect to ``y``.
 
-Inputs outside [0, 1] are allowed (the definition still applies; their weights just become small).
-Half-precision inputs are computed in float32 and cast back.
+Inputs outside [0, 1] are allowed (the definition still applies; their weights just become small). Half-precision
+inputs are computed in float32 and cast back. float32 results agree with the float64 definition to ~1e-6, except
+where both patches are nearly deterministic at small K (K = 8, values at bin centres: entropies ~1e-3 bits,
+so NMI is a ratio of tiny numbers), where float32 round-off reaches ~2e-4.
 """
 
 from __future__ import annotations
@@ -59,7 +75,9 @@ import contextlib
 import logging
 import math
 import numbers
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -153,11 +171,7 @@ def _kernel(values: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.
     keeps every product of two weights a normal float32, since subnormal numbers make exp, bmm and log several
     times slower on x86 CPUs.
     """
-    return _kernel_from_diff(values.unsqueeze(-1) - centres, sigma)
-
-
-def _kernel_from_diff(diff: torch.Tensor, sigma: float) -> torch.Tensor:
-    arg = diff.square().mul_(-0.5 / sigma**2)
+    arg = (values.unsqueeze(-1) - centres).square_().mul_(-0.5 / sigma**2)
     return torch.exp(arg.clamp_min(_LOG_CUTOFF)).mul_(arg > _LOG_CUTOFF)
 
 
@@ -177,67 +191,80 @@ def _entropy_and_grad(hist: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor
     return entropy, (g - (g * prob).sum(-1, keepdim=True)) / z_eps
 
 
-def _pair_chunk(a, b, centres, sigma, grad_out=None):
-    """Exact (dense K x K) NMI of patch pairs a, b: (n, p*p) values; with ``grad_out`` (n,), the input gradients."""
+def _pair_chunk(u, v, grad_out=None, a=None, b=None, centres=None, sigma=None):
+    """Exact (dense K x K) NMI of patch pairs from their kernel weights u, v: (n, p*p, K).
+
+    With ``grad_out`` (n,), returns instead the gradients with respect to the sample values ``a``, ``b`` (n, p*p).
+    """
     need_grad = grad_out is not None
-    diff_a = a.unsqueeze(-1) - centres  # n, P, K
-    diff_b = b.unsqueeze(-1) - centres
-    u = _kernel_from_diff(diff_a, sigma)
-    v = _kernel_from_diff(diff_b, sigma)
     h_a, g_a = _entropy_and_grad(u.sum(1), need_grad)
     h_b, g_b = _entropy_and_grad(v.sum(1), need_grad)
     joint = torch.bmm(u.transpose(1, 2), v)  # n, K, K
     n, K = joint.shape[0], joint.shape[1]
     h_ab, g_ab = _entropy_and_grad(joint.view(n, K * K), need_grad)
     h_sum = h_a + h_b + EPS
-    nmi = 2.0 * (h_a + h_b - h_ab) / h_sum
     if not need_grad:
-        return nmi
+        return 2.0 * (h_a + h_b - h_ab) / h_sum
     # NMI = 2 (S - H_ab) / (S + eps), S = H_a + H_b
     c_s = (grad_out * 2.0 * (h_ab + EPS) / h_sum.square()).view(n, 1, 1)
     c_ab = (grad_out * -2.0 / h_sum).view(n, 1, 1)
     g_ab = g_ab.view(n, K, K)
-    d_u = torch.bmm(v, g_ab.transpose(1, 2)).mul_(c_ab).add_(g_a.unsqueeze(1) * c_s)  # dNMI/du: n, P, K
-    d_v = torch.bmm(u, g_ab).mul_(c_ab).add_(g_b.unsqueeze(1) * c_s)
-    # du/da = u (c - a) / sigma^2
-    grad_a = -(d_u * u * diff_a).sum(-1) / sigma**2
-    grad_b = -(d_v * v * diff_b).sum(-1) / sigma**2
-    return grad_a, grad_b
+    grads = []
+    for w, other, g_marg, values, g_joint in ((u, v, g_a, a, g_ab.transpose(1, 2)), (v, u, g_b, b, g_ab)):
+        d_w = torch.bmm(other, g_joint).mul_(c_ab).add_(g_marg.unsqueeze(1) * c_s)  # dNMI/dw: n, P, K
+        # dw/dx = w (c - x) / sigma^2
+        t = d_w.mul_(w)
+        grads.append(((t * centres).sum(-1) - values * t.sum(-1)) / sigma**2)
+    return grads
 
 
 class _PairNMI(torch.autograd.Function):
-    """NMI of the given patch pairs, chunked, with an analytic backward that recomputes each chunk.
+    """NMI of one patch pair per pixel, chunked, with an analytic backward that recomputes each chunk.
 
-    Nothing of size n*K^2 is kept between forward and backward (only the (n, p*p) patch values), so memory is
-    bounded by the chunk, whatever the batch and image size.
+    Inputs are the flattened zero-padded images and, per pixel, the flat indices of its p*p samples in each
+    (the s patch and the winning y candidate). Kernel weights are computed once per pixel and gathered per
+    patch. Nothing of size n*K^2 is kept between forward and backward, so memory is bounded by the chunk.
     """
 
     @staticmethod
-    def forward(ctx, a, b, centres, sigma: float, step: int):
-        ctx.save_for_backward(a, b, centres)
+    def forward(ctx, s_flat, y_flat, idx_s, idx_y, centres, sigma: float, step: int):
+        ctx.save_for_backward(s_flat, y_flat, idx_s, idx_y, centres)
         ctx.sigma, ctx.step = sigma, step
-        out = torch.empty(a.shape[0], device=a.device, dtype=a.dtype)
+        with _cpu_threading(s_flat.device) as workers:
+            w_s, w_y = _kernel(s_flat, centres, sigma), _kernel(y_flat, centres, sigma)  # pixels, K
+            n_all, P = idx_s.shape
+            out = torch.empty(n_all, device=s_flat.device, dtype=s_flat.dtype)
 
-        def chunk(sl: slice) -> None:
-            out[sl] = _pair_chunk(a[sl], b[sl], centres, sigma)
+            def chunk(sl: slice) -> None:
+                u = w_s.index_select(0, idx_s[sl].reshape(-1)).view(-1, P, w_s.shape[1])
+                v = w_y.index_select(0, idx_y[sl].reshape(-1)).view(-1, P, w_y.shape[1])
+                out[sl] = _pair_chunk(u, v)
 
-        with _cpu_threading(a.device) as workers:
-            _run_tasks(chunk, [slice(i, i + step) for i in range(0, a.shape[0], step)], workers)
+            _run_tasks(chunk, [slice(i, i + step) for i in range(0, n_all, step)], workers)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        a, b, centres = ctx.saved_tensors
-        grad_a = torch.empty_like(a)
-        grad_b = torch.empty_like(b)
+        s_flat, y_flat, idx_s, idx_y, centres = ctx.saved_tensors
+        sigma, step = ctx.sigma, ctx.step
+        with _cpu_threading(s_flat.device) as workers:  # every op: the OpenMP barriers are what it avoids
+            w_s, w_y = _kernel(s_flat, centres, sigma), _kernel(y_flat, centres, sigma)
+            n_all, P = idx_s.shape
+            grad_a = torch.empty(n_all, P, device=s_flat.device, dtype=s_flat.dtype)  # per sample, disjoint per chunk
+            grad_b = torch.empty_like(grad_a)
 
-        def chunk(sl: slice) -> None:
-            grad_a[sl], grad_b[sl] = _pair_chunk(a[sl], b[sl], centres, ctx.sigma, grad_out[sl])
+            def chunk(sl: slice) -> None:
+                i_s, i_y = idx_s[sl].reshape(-1), idx_y[sl].reshape(-1)
+                u = w_s.index_select(0, i_s).view(-1, P, w_s.shape[1])
+                v = w_y.index_select(0, i_y).view(-1, P, w_y.shape[1])
+                a, b = s_flat[i_s].view(-1, P), y_flat[i_y].view(-1, P)
+                grad_a[sl], grad_b[sl] = _pair_chunk(u, v, grad_out[sl], a, b, centres, sigma)
 
-        with _cpu_threading(a.device) as workers:
-            _run_tasks(chunk, [slice(i, i + ctx.step) for i in range(0, a.shape[0], ctx.step)], workers)
-        return grad_a, grad_b, None, None, None
+            _run_tasks(chunk, [slice(i, i + step) for i in range(0, n_all, step)], workers)
+            grad_s = torch.zeros_like(s_flat).index_add_(0, idx_s.reshape(-1), grad_a.reshape(-1))
+            grad_y = torch.zeros_like(y_flat).index_add_(0, idx_y.reshape(-1), grad_b.reshape(-1))
+        return grad_s, grad_y, None, None, None, None, None
 
 
 def _tail_margin(num_bins: int, sigma: float) -> float:
@@ -257,7 +284,8 @@ def _tiers(num_bins: int, sigma: float, device: torch.device) -> list[int]:
         return [num_bins]
     delta = 1.0 / (num_bins - 1)
     flat = int(math.floor(2.0 * _tail_margin(num_bins, sigma) / delta)) + 1  # widest window of a constant patch
-    return [width for width in (flat + 2, flat + 6) if width <= 0.7 * num_bins] + [num_bins]
+    # (at K = 8 the only candidate, 5 of 8 bins, measured slower than dense: 45 against 38 ms)
+    return [width for width in (flat + 2, flat + 6) if width <= 0.6 * num_bins] + [num_bins]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +299,9 @@ def _budgets(device: torch.device) -> tuple[int, int]:
     return 1 << 25, 4 << 30
 
 
+_THREAD_STATE = threading.local()
+
+
 @contextlib.contextmanager
 def _cpu_threading(device: torch.device):
     """On the CPU: one intra-op thread, and as many chunk workers as the caller had intra-op threads.
@@ -278,17 +309,37 @@ def _cpu_threading(device: torch.device):
     The layer's ops are many and small (~1 MB chunks); with OpenMP each one ends in a barrier, and on a shared,
     busy CPU a barrier waits for a descheduled thread: 1.3 s instead of 60 ms per 128 x 128 image at K = 8 was
     measured here under a load average of 4 on 2 cores. Independent chunks on plain threads do not wait on each
-    other. The caller's setting is restored on exit (``torch.set_num_threads`` is scoped to this call).
+    other. The caller's setting is restored on exit (``torch.set_num_threads`` is scoped to the call); nested
+    uses keep the outermost setting.
     """
     if device.type != "cpu":
         yield 1
         return
+    active = getattr(_THREAD_STATE, "workers", None)
+    if active is not None:
+        yield active
+        return
     threads = torch.get_num_threads()
+    _THREAD_STATE.workers = max(1, min(threads, MAX_CPU_WORKERS))
     torch.set_num_threads(1)
     try:
-        yield max(1, min(threads, MAX_CPU_WORKERS))
+        yield _THREAD_STATE.workers
     finally:
+        _THREAD_STATE.workers = None
         torch.set_num_threads(threads)
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Persistent helper threads for :func:`_run_tasks` (recreated in a forked child, which inherits none)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():  # a forked child inherits no threads
+            _POOL = (os.getpid(), ThreadPoolExecutor(MAX_CPU_WORKERS - 1, thread_name_prefix="lmi"))
+        return _POOL[1]
 
 
 def _run_tasks(fn, tasks: list, workers: int) -> None:
@@ -300,25 +351,27 @@ def _run_tasks(fn, tasks: list, workers: int) -> None:
     lock = threading.Lock()
     pending = iter(tasks)
     errors: list[BaseException] = []
+    # grad and inference modes are thread-local: a helper thread would otherwise record a graph, or refuse to
+    # write into the caller's inference tensors
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def loop() -> None:
-        torch.set_num_threads(1)  # OpenMP/MKL thread counts are per thread; a new thread starts at the default
-        while not errors:
-            with lock:
-                task = next(pending, None)
-            if task is None:
-                return
-            try:
-                fn(task)
-            except BaseException as exc:  # re-raised in the calling thread
-                errors.append(exc)
+        torch.set_num_threads(1)  # OpenMP/MKL thread counts are per thread (the caller restores its own on exit)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+            while not errors:
+                with lock:
+                    task = next(pending, None)
+                if task is None:
+                    return
+                try:
+                    fn(task)
+                except BaseException as exc:  # re-raised in the calling thread
+                    errors.append(exc)
 
-    helpers = [threading.Thread(target=loop, daemon=True) for _ in range(min(workers, len(tasks)) - 1)]
-    for thread in helpers:
-        thread.start()
+    helpers = [_pool().submit(loop) for _ in range(min(workers, len(tasks)) - 1)]
     loop()
-    for thread in helpers:
-        thread.join()
+    for future in helpers:
+        future.result()
     if errors:
         raise errors[0]
 
@@ -494,34 +547,50 @@ def local_mutual_information(
     a, h = p // 2, r // 2
     dev = s.device
     tiers = _tiers(num_bins, sigma, dev)
-
-    chunk_entries, table_bytes = _budgets(dev)
-    per_image = (H + 2 * (a + h)) * (W + 2 * (a + h)) * num_bins * (2 + 4 * p * p) * s.element_size()
-    sub = max(1, table_bytes // per_image)
-    best = torch.empty(B, H, W, device=dev, dtype=s.dtype)
-    arg = torch.empty(B, H, W, device=dev, dtype=torch.long)
-    s_d, y_d = s.detach()[:, 0], y.detach()[:, 0]
-    with _cpu_threading(dev) as workers:
+    with _cpu_threading(dev) as workers:  # the whole call: see _cpu_threading
+        chunk_entries, table_bytes = _budgets(dev)
+        per_image = (H + 2 * (a + h)) * (W + 2 * (a + h)) * num_bins * (2 + 4 * p * p) * s.element_size()
+        sub = max(1, table_bytes // per_image)
+        logger.debug(
+            "LMI of %s on %s, K=%d: bin windows %s, %d image(s) per sub-batch",
+            tuple(s.shape),
+            dev,
+            num_bins,
+            tiers,
+            sub,
+        )
+        best = torch.empty(B, H, W, device=dev, dtype=s.dtype)
+        arg = torch.empty(B, H, W, device=dev, dtype=torch.long)
+        s_d, y_d = s.detach()[:, 0], y.detach()[:, 0]
         for b in range(0, B, sub):
             sl = slice(b, b + sub)
             best[sl], arg[sl] = _search(s_d[sl], y_d[sl], p, r, num_bins, sigma, tiers, workers)
 
-    # flat index of the winning candidate in the search-padded (H + 2h, W + 2h) grid
-    rows = torch.arange(H, device=dev)[:, None]
-    cols = torch.arange(W, device=dev)[None, :]
-    win = ((rows + arg // r) * (W + 2 * h) + cols + arg % r).reshape(B, 1, H * W)
-    y_h = F.pad(y, (h, h, h, h))
-    aligned = y_h.reshape(B, 1, -1).gather(2, win).reshape(B, 1, H, W)
+        # flat index of the winning candidate in the search-padded (H + 2h, W + 2h) grid
+        rows = torch.arange(H, device=dev)[:, None]
+        cols = torch.arange(W, device=dev)[None, :]
+        win = ((rows + arg // r) * (W + 2 * h) + cols + arg % r).reshape(B, 1, H * W)
+        y_h = F.pad(y, (h, h, h, h))
+        aligned = y_h.reshape(B, 1, -1).gather(2, win).reshape(B, 1, H, W)
 
-    if torch.is_grad_enabled() and (s.requires_grad or y.requires_grad):
-        s_patch = F.unfold(s, p, padding=a).transpose(1, 2).reshape(B * H * W, p * p)
-        y_patch = F.unfold(y_h, p, padding=a).gather(2, win.expand(B, p * p, H * W)).transpose(1, 2)
-        y_patch = y_patch.reshape(B * H * W, p * p)
-        centres = torch.linspace(0.0, 1.0, num_bins, device=dev, dtype=s.dtype)
-        step = max(1, chunk_entries // (num_bins * num_bins))
-        lmi = _PairNMI.apply(s_patch, y_patch, centres, sigma, step).reshape(B, 1, H, W)
-    else:
-        lmi = best.unsqueeze(1)
+        if torch.is_grad_enabled() and (s.requires_grad or y.requires_grad):
+            # flat sample indices of each pixel's s patch (in s padded by a) and winning y patch (y padded by a + h)
+            g = a + h
+            d = torch.arange(p, device=dev)
+            bb = torch.arange(B, device=dev)[:, None, None, None]
+            i, j = rows[None, :, :, None], cols[None, :, :, None]
+            s_off = (d[:, None] * (W + 2 * a) + d[None, :]).reshape(-1)
+            idx_s = (bb * (H + 2 * a) * (W + 2 * a) + i * (W + 2 * a) + j + s_off).reshape(B * H * W, p * p)
+            ey, ex = (arg // r)[..., None], (arg % r)[..., None]
+            y_off = (d[:, None] * (W + 2 * g) + d[None, :]).reshape(-1)
+            idx_y = (bb * (H + 2 * g) * (W + 2 * g) + (i + ey) * (W + 2 * g) + j + ex + y_off).reshape(B * H * W, p * p)
+            s_flat = F.pad(s, (a, a, a, a)).reshape(-1)
+            y_flat = F.pad(y, (g, g, g, g)).reshape(-1)
+            centres = torch.linspace(0.0, 1.0, num_bins, device=dev, dtype=s.dtype)
+            step = max(1, chunk_entries // (4 * num_bins * num_bins))  # smaller: many tensors per pair
+            lmi = _PairNMI.apply(s_flat, y_flat, idx_s, idx_y, centres, sigma, step).reshape(B, 1, H, W)
+        else:
+            lmi = best.unsqueeze(1)
     return lmi.to(out_dtype), aligned.to(out_dtype)
 
 
