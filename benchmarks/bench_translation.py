@@ -62,7 +62,7 @@ def build(args) -> tuple[torch.nn.Module, dict]:
         }
     )
     network = parser.get_parsed_content("network")
-    inferers = {name: parser.get_parsed_content(f"inferers#{name}") for name in ("lmi", "lmi_paper", "sdedit")}
+    inferers = {name: parser.get_parsed_content(f"inferers#{name}") for name in ("lmi", "lmi_paper", "lmi_projection", "sdedit")}
     return network, inferers
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=40)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sdedit-start", type=int, default=500)
-    parser.add_argument("--methods", default="identity,sdedit,lmi_paper,lmi")
+    parser.add_argument("--methods", default="identity,sdedit,lmi_paper,lmi_projection,lmi")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/README.md")
     parser.add_argument("--output", default=str(BUNDLE_ROOT / "benchmarks" / "results" / "translation.json"))

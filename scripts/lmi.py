@@ -50,8 +50,8 @@ plain way (unfold every patch pair, one K x K histogram each, vectorised over pi
    a plain float64 implementation at 1e-5).
 4. Memory traffic. Chunks of ~1 M histogram entries written into per-thread buffers (``out=``): allocating each
    chunk's tensors anew page-faults and cost 1.8x (232 ms against 128 ms at K = 27). Images go through in
-   sub-batches of at most 256 MB of tables, so peak memory does not grow with the batch (~0.3 GB at batch 8,
-   256 x 256, any K).
+   sub-batches of at most 256 MB of tables, so peak memory does not grow with the batch (0.25-0.39 GB at
+   batch 8, 256 x 256, any K, forward or forward + backward).
 5. Threads. The ops are many and small; under OpenMP each ends in a barrier, and on this shared 2-core machine a
    barrier waits whenever another job holds a core: 1.3 s instead of 60 ms per image at K = 8 was measured
    with 2 intra-op threads under a load average of 4. So on the CPU the layer runs with one intra-op thread
