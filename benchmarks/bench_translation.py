@@ -62,7 +62,9 @@ def build(args) -> tuple[torch.nn.Module, dict]:
         }
     )
     network = parser.get_parsed_content("network")
-    inferers = {name: parser.get_parsed_content(f"inferers#{name}") for name in ("lmi", "lmi_paper", "lmi_projection", "sdedit")}
+    inferers = {
+        name: parser.get_parsed_content(f"inferers#{name}") for name in ("lmi", "lmi_paper", "lmi_projection", "sdedit")
+    }
     return network, inferers
 
 
