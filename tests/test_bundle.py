@@ -95,11 +95,19 @@ def test_requirements_pin_the_same_versions(metadata):
         assert pins[package.lower()] == pinned
 
 
+# Override files are only meaningful merged onto the config they extend, as the bundle runner merges them.
+OVERRIDES = {"multi_gpu_train.json": "train.json"}
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.json")))
 def test_every_config_parses(config):
     parser = ConfigParser()
-    parser.read_config(CONFIGS / config)
+    files = [CONFIGS / OVERRIDES[config], CONFIGS / config] if config in OVERRIDES else [CONFIGS / config]
+    parser.read_config(files)
     assert parser.get() is not None
+    if config in OVERRIDES:
+        assert parser["train#sampler"]["_target_"] == "DistributedSampler"
+        assert parser["train#dataloader#sampler"] == "@train#sampler"
 
 
 def test_large_files_are_listed_with_their_hash():
