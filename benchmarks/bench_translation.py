@@ -61,6 +61,9 @@ def build(args) -> tuple[torch.nn.Module, dict]:
             "progress": False,
         }
     )
+    # SDEdit walks only the DDIM steps at or below its start: give it enough steps to walk as many as the others,
+    # so every method makes the same number of network evaluations.
+    parser["inferers"]["sdedit"]["num_inference_steps"] = round(args.steps * 1000 / args.sdedit_start)
     network = parser.get_parsed_content("network")
     inferers = {
         name: parser.get_parsed_content(f"inferers#{name}") for name in ("lmi", "lmi_paper", "lmi_projection", "sdedit")
@@ -117,7 +120,14 @@ def main() -> None:
         translated = torch.stack([robust_scale(t) for t in translated])  # protocol: each image by its own p99.5
         segs = np.stack([segmenter(t[0].numpy(), m) for t, m in zip(translated, masks, strict=True)])
         per_class = np.array([dice(s, lab) for s, lab in zip(segs, labels, strict=True)])
-        steps = 0 if method == "identity" else inferers[method].num_inference_steps
+        if method == "identity":
+            steps = 0
+        else:  # network evaluations actually made (SDEdit skips the steps above its start)
+            inferer = inferers[method]
+            inferer.scheduler.set_timesteps(inferer.num_inference_steps)
+            t0 = getattr(inferer, "start_timestep", None)
+            timesteps = inferer.scheduler.timesteps
+            steps = int((timesteps <= t0).sum()) if t0 is not None else len(timesteps)
         rows[method] = {
             "steps": steps,
             "seconds_per_slice": seconds,
