@@ -26,7 +26,7 @@ Model (written with torch building blocks; MONAI supplies the engine, handlers, 
 
 Training (:class:`StyleGAN2Trainer`, a ``monai.engines.Trainer``): non-saturating logistic loss, lazy R1
 regularisation on reals every ``r1_interval`` iterations (``r1_gamma`` 1.0 at 64 x 64; the penalty is the gradient
-with respect to the non-augmented reals, through the differentiable augmentation, as in StyleGAN2-ADA), style-mixing
+with respect to the augmented reals that D sees: grid_sample has no double backward), style-mixing
 regularisation, an EMA generator, and adaptive discriminator augmentation (:class:`AdaptiveAugment`): x-flip,
 90-degree rotation, integer translation, isotropic scaling, brightness and contrast, each applied to real and fake
 images before the discriminator with probability p; every 4 iterations p moves by ``images / (speed_kimg * 1000)``
@@ -539,7 +539,8 @@ class StyleGAN2Trainer(Trainer):
 
     1. discriminator: logistic loss ``softplus(D(A(fake))) + softplus(-D(A(real)))`` with A the ADA augmentation;
        its real logits feed ``augment.observe`` (the r_t heuristic);
-    2. lazy R1 on iterations 1, 1 + r1_interval, ...: ``r1_gamma / 2 * |grad_x D(A(x))|^2 * r1_interval`` on reals
+    2. lazy R1 on iterations 1, 1 + r1_interval, ...: ``r1_gamma / 2 * |grad_y D(y)|^2 * r1_interval`` at the
+       augmented reals y = A(x)
        (the interval factor keeps the effective strength of an every-iteration penalty);
     3. generator: non-saturating ``softplus(-D(A(G(z))))``, with style mixing (two z, random crossover layer) in
        `style_mixing_prob` of the iterations;
@@ -662,10 +663,13 @@ class StyleGAN2Trainer(Trainer):
         if engine.augment is not None:
             engine.augment.observe(real_logits)
 
-        # lazy R1 on the non-augmented reals, through the differentiable augmentation
+        # lazy R1 on the augmented reals (the images D actually sees): the gradient is taken with respect to them,
+        # not through the augmentation, because grid_sample has no double backward (a CUDA run failed on it)
         if engine.r1_gamma > 0 and (iteration - 1) % engine.r1_interval == 0:
-            reals_r1 = reals.detach().requires_grad_(True)
-            logits = discriminator(engine._augment(reals_r1))
+            with torch.no_grad():
+                reals_r1 = engine._augment(reals)
+            reals_r1 = reals_r1.detach().requires_grad_(True)
+            logits = discriminator(reals_r1)
             (gradient,) = torch.autograd.grad(logits.sum(), reals_r1, create_graph=True)
             penalty = gradient.square().sum(dim=(1, 2, 3)).mean()
             engine.d_optimizer.zero_grad(set_to_none=True)

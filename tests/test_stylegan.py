@@ -140,7 +140,8 @@ def test_ada_probability_follows_the_sign_heuristic_and_is_saved():
 # --------------------------------------------------------------------------------------------- training
 
 
-def test_trainer_iteration_updates_both_networks_the_ema_and_logs_finite_losses():
+@pytest.mark.parametrize("initial_p", [0.3, 1.0])  # 1.0: every augmentation on the R1 iteration
+def test_trainer_iteration_updates_both_networks_the_ema_and_logs_finite_losses(initial_p):
     generator, discriminator = tiny_generator(), tiny_discriminator()
     generator.train()
     ema = ema_copy(generator)
@@ -159,14 +160,14 @@ def test_trainer_iteration_updates_both_networks_the_ema_and_logs_finite_losses(
         g_optimizer=torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.0, 0.99)),
         d_optimizer=torch.optim.Adam(discriminator.parameters(), lr=1e-3, betas=(0.0, 0.99)),
         generator_ema=ema,
-        augment=AdaptiveAugment(initial_p=0.3),
+        augment=AdaptiveAugment(initial_p=initial_p),
     )
     trainer.run()
     output = trainer.state.output
     assert set(output) >= {"g_loss", "d_loss", "r1", "ada_p"}
     assert all(np.isfinite(output[key]) for key in ("g_loss", "d_loss", "r1", "ada_p"))
     assert output["r1"] > 0, "the first iteration carries the lazy R1 penalty"
-    assert output["ada_p"] == pytest.approx(0.3)
+    assert output["ada_p"] == pytest.approx(initial_p)
     for name, network in (("g", generator), ("d", discriminator), ("ema", ema)):
         changed = [not torch.equal(a, b) for a, b in zip(before[name], network.parameters(), strict=True)]
         assert any(changed), f"{name} must change"
