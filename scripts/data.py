@@ -1240,7 +1240,8 @@ def save_examples_figure(
 
 
 def make_demo_input(datalist: str | os.PathLike, output_dir: str | os.PathLike, count: int = 4) -> Path:
-    """Copy `count` test slices (source and, for the figure only, target) of a prepared dataset into `output_dir`.
+    """Copy `count` test slices of a prepared dataset into `output_dir`: the source, and for the figure and the
+    quick evaluation only, the target, the tissue labels and the brain mask.
 
     This is how the shipped demo input (``demo/``) was made from the offline ``mni`` source; the translation never
     reads the target.
@@ -1271,7 +1272,9 @@ def make_demo_input(datalist: str | os.PathLike, output_dir: str | os.PathLike, 
     entries = []
     for entry in picked:
         names = {}
-        for key in ("image", "target"):
+        for key in ("image", "target", "label", "mask"):
+            if key not in entry:
+                continue
             source = datalist.parent / entry[key]
             shutil.copyfile(source, staging / source.name)
             names[key] = source.name

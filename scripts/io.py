@@ -138,13 +138,22 @@ class SaveTranslationd(MapTransform):
     geometry cannot drift through preprocessing), with float32 intensities in [0, 1].
     """
 
-    def __init__(self, keys: str = "pred", output_dir: str | os.PathLike = "outputs", postfix: str = "trans") -> None:
+    def __init__(
+        self,
+        keys: str = "pred",
+        output_dir: str | os.PathLike = "outputs",
+        postfix: str = "trans",
+        enabled: bool = True,
+    ) -> None:
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.postfix = postfix
+        self.enabled = enabled
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
+        if not self.enabled:  # lets a config keep the step in its pipeline and switch it with one override
+            return d
         for key in self.key_iterator(d):
             pred = d[key]
             meta = pred.meta if isinstance(pred, MetaTensor) else {}

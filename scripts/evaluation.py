@@ -1,0 +1,196 @@
+"""Evaluation of a translation method against the ground truth (DESIGN.md section 4), as ``configs/evaluate.json``
+wires it: a ``SupervisedEvaluator`` whose inferer is the method, K-means tissue segmentation in postprocessing and
+MONAI metrics (SSIM, PSNR, Dice) saved by ``MetricsSaver``.
+
+This module holds what MONAI does not have: the up-front check of an evaluation datalist (so a bad entry fails with
+one line naming it before anything is written), the identity "method" (the untranslated source: the floor every
+method must beat), a timer that turns inference time into a per-slice metric, and the handler that publishes the
+output folder only when the run has completed (nothing half-written is ever left under the final name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer
+
+from scripts.inferers import validate_source
+from scripts.io import InputError
+from scripts.training import spread
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IdentityInferer",
+    "PublishOutputs",
+    "TimedInferer",
+    "load_evaluation_datalist",
+    "select_method",
+]
+
+EVALUATION_KEYS = ("image", "target", "label", "mask")
+NUM_TISSUE_LABELS = 3  # CSF, GM, WM; 0 is background
+
+
+def _read(path: Path, entry_name: str, key: str) -> nib.Nifti1Image:
+    if not path.is_file():
+        raise InputError(f"{entry_name}: '{key}' file not found: {path}")
+    try:
+        return nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for unreadable files
+        raise InputError(f"{entry_name}: '{key}' file {path} is not a readable NIfTI image ({error})") from None
+
+
+def load_evaluation_datalist(
+    datalist: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    data_list_key: str = "testing",
+    num_slices: int | None = None,
+    required_keys: Sequence[str] = EVALUATION_KEYS,
+) -> list[dict]:
+    """The datalist's `data_list_key` entries with paths resolved under `dataset_dir`, checked before any work.
+
+    Every entry must have `required_keys`; every file must exist and be a readable NIfTI image of the same shape as
+    the entry's source image; label maps must hold tissue labels 0-3 only. `num_slices` keeps that many entries
+    spread evenly over the list (the quick mode); None keeps all. Errors name the entry and the file.
+    """
+    path = Path(datalist)
+    if not path.is_file():
+        raise InputError(f"evaluation datalist not found: {path}")
+    try:
+        import json
+
+        content = json.loads(path.read_text())
+    except ValueError as error:
+        raise InputError(f"evaluation datalist {path} is not valid JSON ({error})") from None
+    entries = content.get(data_list_key) if isinstance(content, dict) else None
+    if not entries:
+        raise InputError(f"evaluation datalist {path} has no '{data_list_key}' entries.")
+    if num_slices is not None:
+        if int(num_slices) < 1:
+            raise InputError(f"num_slices must be at least 1, got {num_slices}.")
+        entries = spread(entries, int(num_slices))
+    base = Path(dataset_dir) if dataset_dir is not None else path.parent
+    resolved = []
+    for index, entry in enumerate(entries):
+        shown = entry.get("image", "?") if isinstance(entry, dict) else entry
+        name = f"{path.name} '{data_list_key}' entry {index} ({shown})"
+        if not isinstance(entry, dict):
+            raise InputError(f"{name}: an entry must be an object with keys {list(required_keys)}.")
+        missing = [key for key in required_keys if key not in entry]
+        if missing:
+            raise InputError(f"{name}: missing key(s) {missing}; an evaluation entry needs {list(required_keys)}.")
+        item = dict(entry)
+        shapes = {}
+        for key in required_keys:
+            file = base / entry[key]
+            image = _read(file, name, key)
+            shapes[key] = tuple(image.shape)
+            item[key] = str(file)
+        if len(set(shapes.values())) > 1:
+            raise InputError(f"{name}: image, target, label and mask shapes differ: {shapes}.")
+        if "label" in required_keys:
+            labels = np.unique(np.asarray(nib.load(item["label"]).dataobj))
+            bad = [v for v in labels.tolist() if v not in range(NUM_TISSUE_LABELS + 1)]
+            if bad:
+                raise InputError(
+                    f"{name}: label map {item['label']} holds values {bad[:5]} outside 0-3 "
+                    "(0 background, 1 CSF, 2 GM, 3 WM)."
+                )
+        resolved.append(item)
+    logger.info(f"evaluating {len(resolved)} '{data_list_key}' entries of {path}")
+    return resolved
+
+
+def select_method(method: str, options: dict):
+    """`options[method]`, or a clear error listing the methods this bundle has."""
+    if method not in options:
+        raise InputError(f"unknown method '{method}'; choose one of {sorted(options)}.")
+    return options[method]
+
+
+class IdentityInferer(Inferer):
+    """The untranslated source image (already scaled to [0, 1] by the preprocessing): the floor of the comparison."""
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module | None = None, *args, **kwargs) -> torch.Tensor:
+        validate_source(inputs)
+        return inputs.clone().clamp(0.0, 1.0)
+
+
+class TimedInferer(Inferer):
+    """Wraps a method's inferer; as an ignite handler it reports the wall-clock seconds per slice of each call.
+
+    Per-case values go to ``engine.state.metric_details["seconds"]`` (so ``MetricsSaver`` writes them with the other
+    per-case metrics) and their mean to ``engine.state.metrics["seconds_per_slice"]``. Only the inferer call is
+    timed: loading, segmentation and metrics are not part of a method's cost.
+    """
+
+    def __init__(self, inferer: Inferer) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.seconds: list[float] = []
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+        start = time.perf_counter()
+        output = self.inferer(inputs, network, *args, **kwargs)
+        elapsed = time.perf_counter() - start
+        self.seconds += [elapsed / max(1, inputs.shape[0])] * max(1, inputs.shape[0])
+        return output
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _reset(self, engine: Engine) -> None:
+        self.seconds = []
+
+    def _report(self, engine: Engine) -> None:
+        if not self.seconds:
+            return
+        values = torch.tensor(self.seconds, dtype=torch.float64)[:, None]
+        if not hasattr(engine.state, "metric_details"):
+            engine.state.metric_details = {}
+        engine.state.metric_details["seconds"] = values
+        engine.state.metrics["seconds_per_slice"] = float(values.mean())
+
+
+class PublishOutputs:
+    """Ignite handler: the run writes into `work_dir`; on completion it replaces `output_dir` with it.
+
+    A run that fails (bad input, interruption) leaves `output_dir` as it was, and removes its partial `work_dir`.
+    """
+
+    def __init__(self, work_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+        self.work_dir = Path(work_dir)
+        self.output_dir = Path(output_dir)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def _started(self, engine: Engine) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.work_dir.mkdir(parents=True)
+
+    def _completed(self, engine: Engine) -> None:
+        previous = self.output_dir.with_name(self.output_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.output_dir.exists():
+            self.output_dir.rename(previous)
+        self.work_dir.rename(self.output_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+        logger.info(f"evaluation results in {self.output_dir}")
+
+    def _failed(self, engine: Engine, error: Exception) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        raise error
