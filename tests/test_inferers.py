@@ -199,3 +199,22 @@ def test_lmi_guidance_raises_the_lmi_with_the_source(conditioner, network):
     assert not torch.equal(plain, guided)
     lmi = conditioner.lmi
     assert float(lmi(source, guided)[0].mean()) > float(lmi(source, plain)[0].mean())
+
+
+def test_guidance_every_skips_the_gradient_on_the_other_steps(conditioner, network, monkeypatch):
+    source = phantom(32, seed=2)
+    calls = []
+    original = LMIGuidedInferer._guide
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[-1] if len(args) > 5 else kwargs.get("guide", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LMIGuidedInferer, "_guide", spy)
+    every_other = make_inferer(conditioner, mask_background=False, guidance_scale=0.05, guidance_every=2)
+    result = every_other(source, network)
+    assert calls == [i % 2 == 0 for i in range(every_other.num_inference_steps)]
+    every_step = make_inferer(conditioner, mask_background=False, guidance_scale=0.05)(source, network)
+    assert not torch.equal(result, every_step)
+    with pytest.raises(ValueError, match="guidance_every"):
+        make_inferer(conditioner, guidance_every=0)
