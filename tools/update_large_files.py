@@ -1,0 +1,52 @@
+"""Rewrite large_files.yml from the files the bundle ships in models/ (weights, resumable checkpoints, segmenter).
+
+Training prunes and renames checkpoints (``checkpoint_epoch=N.pt``), so the list is regenerated rather than edited:
+
+    python tools/update_large_files.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PATTERNS = ("models/*.pt", "models/*.json", "models/checkpoints*/*.pt")
+HEADER = """# Files the bundle ships that the Model Zoo keeps outside git. Each entry: name, path (relative to the bundle
+# root), url, hash_val (sha256 of the file), hash_type. Checked by tests/test_bundle.py. The files are committed in
+# this repository (no url needed to run); url stays empty until a release hosts them.
+# Regenerate with `python tools/update_large_files.py` after training.
+large_files:
+"""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main() -> None:
+    files = sorted({p for pattern in PATTERNS for p in ROOT.glob(pattern) if p.is_file()})
+    lines = [HEADER.rstrip("\n")]
+    for path in files:
+        relative = path.relative_to(ROOT).as_posix()
+        lines += [
+            f'  - name: "{path.name}"',
+            f'    path: "{relative}"',
+            '    url: ""',
+            f'    hash_val: "{sha256(path)}"',
+            '    hash_type: "sha256"',
+        ]
+    target = ROOT / "large_files.yml"
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text("\n".join(lines) + "\n")
+    os.replace(partial, target)
+    print(f"wrote {target} ({len(files)} files)")
+
+
+if __name__ == "__main__":
+    main()
