@@ -68,7 +68,7 @@ from monai.utils import convert_to_dst_type
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from scripts.inferers import validate_source
+from scripts.inferers import plain, validate_source
 from scripts.training import spread
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class CycleGANTrainer(Trainer):
 
     def _images(self, batchdata) -> torch.Tensor:
         images = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)[0]
-        return to_model_space(torch.as_tensor(images).float())
+        return to_model_space(plain(images).float())
 
     def _next_source(self):
         if self._source_iter is None:
@@ -465,6 +465,6 @@ class CycleGANInferer(Inferer):
         validate_source(inputs)
         parameter = next(network.parameters(), None)
         device = parameter.device if parameter is not None else inputs.device
-        source = torch.as_tensor(inputs).float().to(device)
+        source = plain(inputs).float().to(device)
         result = convert_to_dst_type(self.translate(source, network), dst=inputs)[0]
         return result if isinstance(result, MetaTensor) else MetaTensor(result)

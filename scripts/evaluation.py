@@ -10,6 +10,7 @@ output folder only when the run has completed (nothing half-written is ever left
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -67,8 +68,6 @@ def load_evaluation_datalist(
     if not path.is_file():
         raise InputError(f"evaluation datalist not found: {path}")
     try:
-        import json
-
         content = json.loads(path.read_text())
     except ValueError as error:
         raise InputError(f"evaluation datalist {path} is not valid JSON ({error})") from None

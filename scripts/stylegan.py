@@ -70,7 +70,7 @@ from monai.utils import convert_to_dst_type
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from scripts.inferers import validate_source
+from scripts.inferers import plain, validate_source
 from scripts.lmi import LocalMutualInformation
 from scripts.transforms import head_mask
 
@@ -647,7 +647,7 @@ class StyleGAN2Trainer(Trainer):
             reals = batchdata[0]
         else:
             reals = batchdata
-        reals = torch.as_tensor(reals).to(engine.state.device, non_blocking=engine.non_blocking).float() * 2.0 - 1.0
+        reals = plain(reals).to(engine.state.device, non_blocking=engine.non_blocking).float() * 2.0 - 1.0
         batch = reals.shape[0]
         iteration = engine.state.iteration
         discriminator = engine.discriminator
@@ -863,7 +863,7 @@ class StyleGANInversionInferer(Inferer):
         averaged over the batch), lists of floats.
         """
         network = getattr(network, "module", network)
-        source, head = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (source, head))
+        source, head = plain(source), plain(head)
         batch, device = source.shape[0], source.device
         w_mean, w_std = network.mean_w(self.num_mean_samples, self.seed)
         generator = torch.Generator(device=device).manual_seed(self.seed + 1)
@@ -911,8 +911,7 @@ class StyleGANInversionInferer(Inferer):
         if not isinstance(generator, StyleGAN2Generator):
             raise TypeError(f"the network must be a StyleGAN2Generator, got {type(generator).__name__}.")
         device = generator.synthesis.const.device
-        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)  # no meta tracking
-        source_full = plain.detach().float().to(device).clamp(0.0, 1.0)
+        source_full = plain(inputs).detach().float().to(device).clamp(0.0, 1.0)
         head_full = self._head(source_full)
         full_size = tuple(source_full.shape[2:])
         size = (generator.resolution, generator.resolution)
@@ -924,7 +923,7 @@ class StyleGANInversionInferer(Inferer):
             result = F.interpolate(result, size=full_size, mode="bilinear", align_corners=False)
         if self.mask_background:
             result = result * head_full
-        result = result.clamp(0.0, 1.0).to(plain.device)
+        result = result.clamp(0.0, 1.0).to(inputs.device)
         output = convert_to_dst_type(result, dst=inputs, dtype=torch.float32)[0]
         return output if isinstance(output, MetaTensor) else MetaTensor(output)
 
