@@ -1,9 +1,11 @@
 """What the denoiser sees, and what it is trained to predict.
 
-The denoiser is a MONAI ``DiffusionModelUNet`` whose input is ``[x_t, LMI(ref, x_t), LMI(ref, ref), head]``
-(channel concatenation): ``ref`` is the clean target image during training and the source image at translation time.
-LMI is invariant to a one-to-one remapping of intensities, so the maps computed from a T1w reference during training
-and from a PDw source at translation time come from the same distribution: that is what makes the model zero-shot.
+The denoiser is a MONAI ``DiffusionModelUNet`` whose input is x_t concatenated with conditioning channels built from a
+reference image (:class:`LMIConditioner`). At translation time the reference is the source image. In training it is
+either the clean target itself (the paper's recipe: ``[x_t, LMI(ref, x_t), LMI(ref, ref), head]``; LMI is invariant to
+a one-to-one remapping of intensities, so T1w maps in training and PDw maps at translation time come from the same
+distribution) or a contrast-randomised copy of the target (the default translator: ``[x_t, head, ref]``, see
+``scripts.contrast``), so that the source is one more contrast of a family the network was trained on.
 The head mask is computed the same way from any contrast (``scripts.transforms.head_mask``) and tells the network
 where tissue is, which LMI cannot (it is 0 on any flat region, air and white matter alike).
 
@@ -76,42 +78,67 @@ def model_output_from_x0(
 
 
 class LMIConditioner(torch.nn.Module):
-    """Builds the extra input channels ``[LMI(ref, x_t), LMI(ref, ref), head]`` of the denoiser.
+    """Builds the extra input channels of the denoiser from a reference image and the noisy sample.
+
+    Channels, in order: ``LMI(ref, x_t)`` (`use_dynamic_lmi`), ``LMI(ref, ref)`` (`use_self_lmi`), the head mask
+    (`use_head_mask`) and the reference itself (`use_reference`). The paper's recipe uses the first three; the default
+    translator, trained on contrast-randomised references, sees the reference and the head mask and is steered by
+    LMI guidance at sampling time (``scripts.inferers.LMIGuidedInferer``).
 
     Args:
-        num_bins, patch_size, search_size, sigma: the LMI layer's parameters (DESIGN.md section 2).
-        use_head_mask: append the modality-independent head mask as a channel.
+        num_bins, patch_size, search_size, sigma: the LMI layer's parameters (docs/README.md, "The LMI layer").
+        use_head_mask, use_reference, use_self_lmi, use_dynamic_lmi: which channels to build (at least one).
     """
 
     def __init__(
         self,
-        num_bins: int = 8,
+        num_bins: int = 12,
         patch_size: int = 3,
         search_size: int = 3,
-        sigma: float = 8 / 255,
+        sigma: float = 0.07,
         use_head_mask: bool = True,
+        use_reference: bool = False,
+        use_self_lmi: bool = True,
+        use_dynamic_lmi: bool = True,
     ) -> None:
         super().__init__()
         self.lmi = LocalMutualInformation(
             patch_size=patch_size, search_size=search_size, num_bins=num_bins, sigma=sigma
         )
-        self.use_head_mask = use_head_mask
+        self.use_head_mask = bool(use_head_mask)
+        self.use_reference = bool(use_reference)
+        self.use_self_lmi = bool(use_self_lmi)
+        self.use_dynamic_lmi = bool(use_dynamic_lmi)
+        if self.num_channels == 0:
+            raise ValueError("LMIConditioner needs at least one conditioning channel.")
 
     @property
     def num_channels(self) -> int:
-        return 3 if self.use_head_mask else 2
+        return self.use_dynamic_lmi + self.num_static_channels
+
+    @property
+    def num_static_channels(self) -> int:
+        return self.use_self_lmi + self.use_head_mask + self.use_reference
 
     def static_maps(self, reference: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
         """The channels that depend on the reference only: computed once per image, reused at every step."""
-        self_lmi, _ = self.lmi(reference, reference)
-        if not self.use_head_mask:
-            return self_lmi
-        if head is None:
-            raise ValueError("LMIConditioner was built with use_head_mask=True but no head mask was given.")
-        return torch.cat([self_lmi, head.to(self_lmi)], dim=1)
+        maps = []
+        if self.use_self_lmi:
+            maps.append(self.lmi(reference, reference)[0])
+        if self.use_head_mask:
+            if head is None:
+                raise ValueError("LMIConditioner was built with use_head_mask=True but no head mask was given.")
+            maps.append(head.to(reference))
+        if self.use_reference:
+            maps.append(reference)
+        if not maps:
+            return reference.new_zeros((reference.shape[0], 0, *reference.shape[2:]))
+        return torch.cat(maps, dim=1)
 
     def forward(self, reference: torch.Tensor, sample: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
         """Conditioning for the model-space `sample` x_t, given `reference` in [0, 1] and its static maps."""
+        if not self.use_dynamic_lmi:
+            return static
         with torch.no_grad():
             dynamic, _ = self.lmi(reference, from_model_space(sample))
         return torch.cat([dynamic, static], dim=1)
@@ -147,8 +174,9 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
     """``prepare_batch`` for ``SupervisedTrainer``: noise, timesteps and the regression target.
 
     The target follows the scheduler's ``prediction_type`` (epsilon, sample or v_prediction) in model space; the head
-    mask under ``head_key`` (and precomputed static maps under ``static_key``, see :class:`StaticConditiond`) are
-    handed to the inferer, which builds the LMI conditioning from the noisy sample.
+    mask under ``head_key``, precomputed static maps under ``static_key`` (see :class:`StaticConditiond`) and a
+    contrast-randomised reference under ``reference_key`` (``scripts.contrast``) are handed to the inferer when the
+    batch has them; the inferer builds the conditioning from them and the noisy sample.
 
     ``high_noise_fraction`` of the timesteps are drawn from ``[high_noise_start, T)`` instead of ``[0, T)``: at high
     noise the denoiser must infer tissue intensities from the LMI maps and the head mask alone, which is what a
@@ -160,6 +188,7 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
         scheduler: Scheduler,
         head_key: str = "head",
         static_key: str = "static",
+        reference_key: str = "reference",
         high_noise_fraction: float = 0.0,
         high_noise_start: int = 500,
     ) -> None:
@@ -173,6 +202,7 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
         self.scheduler = scheduler
         self.head_key = head_key
         self.static_key = static_key
+        self.reference_key = reference_key
         self.high_noise_fraction = high_noise_fraction
         self.high_noise_start = high_noise_start
 
@@ -207,7 +237,7 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
         timesteps = self.get_timesteps(images)
         target = self.get_target(images, noise, timesteps)
         infer_kwargs = {"noise": noise, "timesteps": timesteps}
-        for name, key in (("head", self.head_key), ("static", self.static_key)):
+        for name, key in (("head", self.head_key), ("static", self.static_key), ("reference", self.reference_key)):
             if key in batchdata:
                 value = convert_to_tensor(batchdata[key], track_meta=False)
                 infer_kwargs[name] = value.to(device, non_blocking=non_blocking)

@@ -1,4 +1,4 @@
-"""Evaluation of a translation method against the ground truth (DESIGN.md section 4), as ``configs/evaluate.json``
+"""Evaluation of a translation method against the ground truth, as ``configs/evaluate.json``
 wires it: a ``SupervisedEvaluator`` whose inferer is the method, K-means tissue segmentation in postprocessing and
 MONAI metrics (SSIM, PSNR, Dice) saved by ``MetricsSaver``.
 
@@ -57,13 +57,23 @@ def load_evaluation_datalist(
     data_list_key: str = "testing",
     num_slices: int | None = None,
     required_keys: Sequence[str] = EVALUATION_KEYS,
+    source_key: str = "image",
 ) -> list[dict]:
     """The datalist's `data_list_key` entries with paths resolved under `dataset_dir`, checked before any work.
 
-    Every entry must have `required_keys`; every file must exist and be a readable NIfTI image of the same shape as
-    the entry's source image; label maps must hold tissue labels 0-3 only. `num_slices` keeps that many entries
-    spread evenly over the list (the quick mode); None keeps all. Errors name the entry and the file.
+    `source_key` names the entry key holding the image to translate (``"image"``, the PDw slice, by default; e.g.
+    ``"t2"`` for the T2w slice of the same entry). Its file is returned under ``"image"``, the key the evaluator
+    reads, and the entry's own ``"image"`` (if any) under ``"source_image"``; ``"source_key"`` records the choice.
+    Every entry must have `required_keys` (with ``"image"`` standing for `source_key`); every file must exist and be
+    a readable NIfTI image of the same shape as the entry's source image; label maps must hold tissue labels 0-3
+    only. `num_slices` keeps that many entries spread evenly over the list (the quick mode); None keeps all. Errors
+    name the entry and the file.
     """
+    if not isinstance(source_key, str) or not source_key:
+        raise InputError(f"source_key must be the name of a datalist key (e.g. 'image' or 't2'), got {source_key!r}.")
+    keys = [source_key if key == "image" else key for key in required_keys]
+    if source_key not in keys:
+        keys.insert(0, source_key)
     path = Path(datalist)
     if not path.is_file():
         raise InputError(f"evaluation datalist not found: {path}")
@@ -81,23 +91,23 @@ def load_evaluation_datalist(
     base = Path(dataset_dir) if dataset_dir is not None else path.parent
     resolved = []
     for index, entry in enumerate(entries):
-        shown = entry.get("image", "?") if isinstance(entry, dict) else entry
+        shown = entry.get(source_key, entry.get("image", "?")) if isinstance(entry, dict) else entry
         name = f"{path.name} '{data_list_key}' entry {index} ({shown})"
         if not isinstance(entry, dict):
-            raise InputError(f"{name}: an entry must be an object with keys {list(required_keys)}.")
-        missing = [key for key in required_keys if key not in entry]
+            raise InputError(f"{name}: an entry must be an object with keys {keys}.")
+        missing = [key for key in keys if key not in entry]
         if missing:
-            raise InputError(f"{name}: missing key(s) {missing}; an evaluation entry needs {list(required_keys)}.")
+            raise InputError(f"{name}: missing key(s) {missing}; an evaluation entry needs {keys}.")
         item = dict(entry)
         shapes = {}
-        for key in required_keys:
+        for key in keys:
             file = base / entry[key]
             image = _read(file, name, key)
             shapes[key] = tuple(image.shape)
             item[key] = str(file)
         if len(set(shapes.values())) > 1:
-            raise InputError(f"{name}: image, target, label and mask shapes differ: {shapes}.")
-        if "label" in required_keys:
+            raise InputError(f"{name}: {', '.join(keys)} shapes differ: {shapes}.")
+        if "label" in keys:
             labels = np.unique(np.asarray(nib.load(item["label"]).dataobj))
             bad = [v for v in labels.tolist() if v not in range(NUM_TISSUE_LABELS + 1)]
             if bad:
@@ -105,8 +115,13 @@ def load_evaluation_datalist(
                     f"{name}: label map {item['label']} holds values {bad[:5]} outside 0-3 "
                     "(0 background, 1 CSF, 2 GM, 3 WM)."
                 )
+        if source_key != "image":
+            if "image" in entry:
+                item["source_image"] = str(base / entry["image"])
+            item["image"] = item[source_key]
+        item["source_key"] = source_key
         resolved.append(item)
-    logger.info(f"evaluating {len(resolved)} '{data_list_key}' entries of {path}")
+    logger.info(f"evaluating {len(resolved)} '{data_list_key}' entries of {path} (source: '{source_key}')")
     return resolved
 
 

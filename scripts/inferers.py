@@ -137,17 +137,21 @@ class LMIGuidedInferer(DiffusionInferer):
         timesteps: torch.Tensor | None = None,
         head: torch.Tensor | None = None,
         static: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Training forward pass when `noise` and `timesteps` are given, otherwise a translation of `inputs`.
 
-        `static` holds precomputed reference-only channels (``scripts.diffusion.StaticConditiond``) when the data
-        pipeline cached them; otherwise they are computed here from `inputs` and `head`.
+        In training, `inputs` are the clean target images and `reference` the images the conditioning is built from
+        (the targets themselves when None; a contrast-randomised copy for the default translator). `static` holds
+        precomputed reference-only channels (``scripts.diffusion.StaticConditiond``) when the data pipeline cached
+        them; otherwise they are computed here from the reference and `head`.
         """
         if noise is None or timesteps is None:
             return self.translate(inputs, network, head=head)
-        reference = plain(inputs).float()
-        noisy = self.scheduler.add_noise(original_samples=to_model_space(reference), noise=noise, timesteps=timesteps)
+        target = plain(inputs).float()
+        reference = target if reference is None else plain(reference).to(target)
+        noisy = self.scheduler.add_noise(original_samples=to_model_space(target), noise=noise, timesteps=timesteps)
         with torch.no_grad():
             if static is None:
                 head = self._head(reference) if head is None else plain(head).to(reference)

@@ -7,9 +7,11 @@ an interrupted run never leaves a half-written NIfTI or datalist behind.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
@@ -29,6 +31,8 @@ __all__ = [
     "exit_on_bad_input",
     "source_datalist",
     "validate_nifti",
+    "write_bytes_atomic",
+    "write_text_atomic",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -123,12 +127,10 @@ def _output_name(source: str, postfix: str) -> str:
 
 
 def _atomic_save(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a gzipped NIfTI through an unpredictable temporary name that no input pattern matches, then rename."""
     image = nib.Nifti1Image(array, affine, header=header)
     image.set_data_dtype(array.dtype)
-    partial = path.with_name(path.name + ".partial.nii.gz")
-    nib.save(image, str(partial))
-    os.replace(partial, path)
+    write_bytes_atomic(path, gzip.compress(image.to_bytes(), compresslevel=6))
 
 
 class SaveTranslationd(MapTransform):
@@ -162,9 +164,13 @@ class SaveTranslationd(MapTransform):
                 raise InputError("the translated image carries no source file name; cannot name the output")
             reference = nib.load(source)
             array = np.asarray(torch.as_tensor(pred).detach().cpu().numpy()[0], dtype=np.float32)
-            array = array.reshape(reference.shape)
+            if array.size == int(np.prod(reference.shape)):
+                array, affine, header = array.reshape(reference.shape), reference.affine, reference.header.copy()
+            else:  # resampled by the pipeline (evaluation grid): keep the grid the pipeline's affine describes
+                affine = np.asarray(pred.affine) if isinstance(pred, MetaTensor) else reference.affine
+                header = None
             path = self.output_dir / _output_name(source, self.postfix)
-            _atomic_save(array, reference.affine, reference.header.copy(), path)
+            _atomic_save(array, affine, header, path)
             d[f"{key}_path"] = str(path)
             logger.info(f"wrote {path}")
         return d
@@ -201,10 +207,7 @@ class TranslatedDatalistWriter:
     def write(self, engine: Engine) -> None:
         content = {"name": "translated", "modality": {"0": self.modality}, "testing": self.entries}
         path = self.output_dir / "datalist_translated.json"
-        partial = path.with_name(path.name + ".partial")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(content, indent=2))
-        os.replace(partial, path)
+        write_text_atomic(path, json.dumps(content, indent=2) + "\n")
         logger.info(f"wrote {path} ({len(self.entries)} images)")
 
 
@@ -219,3 +222,25 @@ def exit_on_bad_input(function, *args, **kwargs):
     except (InputError, FileNotFoundError, ValueError) as error:
         logger.error("%s", error)
         raise SystemExit(f"error: {error}") from None
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through an unpredictable temporary file in the same folder, then rename: a reader
+    sees the old file or the new one, never half of it, and a symlink placed at a predictable name is not followed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """:func:`write_bytes_atomic` for UTF-8 text."""
+    write_bytes_atomic(path, text.encode("utf-8"))

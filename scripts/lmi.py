@@ -1,4 +1,4 @@
-"""Local Mutual Information (LMI): a differentiable, accelerated operator (DESIGN.md section 2).
+"""Local Mutual Information (LMI): a differentiable, accelerated operator (definition: docs/README.md, "The LMI layer").
 
 Definition (binding). For images ``s`` (source) and ``y`` of shape (B, 1, H, W), scaled to [0, 1]::
 

@@ -1,4 +1,4 @@
-"""MR physics for simulated multi-contrast brain images (PDw, T1w, T2w) at 1.5 T.
+"""MR physics for simulated multi-contrast brain images (PDw, T1w, T2w) at 1.5 T (or 3 T).
 
 The simulator is linear in the tissue fractions: a voxel holding fractions ``f_t`` of pure tissues ``t``
 has the (noise-free) signal ``S = sum_t f_t * S_t`` where ``S_t`` is the signal equation of the sequence
@@ -20,7 +20,10 @@ Sequences (defaults, all configurable in ``configs/prepare.json``):
   T1-weighted image with WM > GM > CSF.
 
 Tissue parameters are literature values at 1.5 T (e.g. Wansapura et al. 1999; Gold et al. 2004; Stanisz et
-al. 2005; Bojorquez et al. 2017 for fat/bone; PD relative to water), rounded; each subject draws a small
+al. 2005; Bojorquez et al. 2017 for fat/bone; PD relative to water), rounded (``TISSUES``). A second table at
+3 T (``TISSUES_3T``: longer T1, slightly shorter T2 and T2*, the same PD) is selected by ``MRSimulator``'s
+``field_strength`` (default 1.5); ``configs/prepare_second_physics.json`` uses it for a test set with other MR
+physics (spin-echo T1w, other TR/TE, noise, bias field and geometry). Each subject draws a small
 multiplicative jitter (default 3 % standard deviation) of every PD, T1 and T2. The images get a smooth
 multiplicative bias field and Rician noise whose standard deviation is a few percent of the subject's pure
 white-matter signal in that contrast. Everything is deterministic for a ``numpy.random.Generator`` seed.
@@ -38,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TISSUES",
+    "TISSUES_3T",
+    "TISSUE_TABLES",
+    "tissue_table",
     "CONTRASTS",
     "Tissue",
     "SpinEcho",
@@ -86,6 +92,46 @@ TISSUES: dict[str, Tissue] = {
     "vitreous": Tissue(pd=0.98, t1=3600.0, t2=1500.0, t2s=800.0),
     "air": Tissue(pd=0.0, t1=1000.0, t2=1.0, t2s=1.0),
 }
+
+# 3 T values (same tissues, same PD: proton density does not depend on the field). T1 lengthens with the field
+# (roughly as B0^0.3-0.4 for brain), T2 shortens a little and T2* more (susceptibility effects scale with B0),
+# most in iron-rich deep grey nuclei. Brain: WM T1 ~830-850 ms / T2 ~65-75 ms (Wansapura et al. 1999: WM T1
+# 832 ms, GM 1331 ms; inversion-recovery studies such as Stanisz et al. 2005 report up to ~1100 / ~1800 ms);
+# GM T1 ~1300-1450 / T2 ~80-90; CSF T1 ~4000-4400 / T2 ~1500-1800; deep grey nuclei T1 ~1100-1200 / T2 ~65-75
+# (Gelman et al. 1999, iron). Blood T1 ~1650 ms at 3 T for a normal haematocrit (Lu et al. 2004), T2 shorter
+# than at 1.5 T (mixed arterial/venous). Fat T1 ~370 ms and muscle T1 ~1400 ms (Gold et al. 2004); fatty
+# marrow T1 ~400-450 ms. Non-brain values are rounded middles of reported ranges, as in the 1.5 T table.
+TISSUES_3T: dict[str, Tissue] = {
+    "csf": Tissue(pd=1.00, t1=4200.0, t2=1600.0, t2s=800.0),
+    "gm": Tissue(pd=0.80, t1=1400.0, t2=85.0, t2s=50.0),
+    "deep_gm": Tissue(pd=0.78, t1=1150.0, t2=70.0, t2s=35.0),
+    "wm": Tissue(pd=0.69, t1=840.0, t2=70.0, t2s=45.0),
+    "lesion": Tissue(pd=0.76, t1=1200.0, t2=110.0, t2s=55.0),
+    "choroid_plexus": Tissue(pd=0.85, t1=1700.0, t2=135.0, t2s=45.0),
+    "blood": Tissue(pd=0.85, t1=1650.0, t2=120.0, t2s=30.0),
+    "nerve": Tissue(pd=0.70, t1=900.0, t2=70.0, t2s=40.0),
+    "dura": Tissue(pd=0.45, t1=1000.0, t2=28.0, t2s=15.0),
+    "fat": Tissue(pd=0.95, t1=370.0, t2=70.0, t2s=25.0),
+    "marrow": Tissue(pd=0.80, t1=430.0, t2=55.0, t2s=15.0),
+    "muscle": Tissue(pd=0.72, t1=1420.0, t2=38.0, t2s=22.0),
+    "skin": Tissue(pd=0.60, t1=900.0, t2=36.0, t2s=18.0),
+    "bone": Tissue(pd=0.05, t1=450.0, t2=1.5, t2s=0.7),
+    "mucosa": Tissue(pd=0.85, t1=1450.0, t2=100.0, t2s=35.0),
+    "vitreous": Tissue(pd=0.98, t1=4100.0, t2=1300.0, t2s=600.0),
+    "air": Tissue(pd=0.0, t1=1000.0, t2=1.0, t2s=1.0),
+}
+
+# field strength (T) -> base tissue table
+TISSUE_TABLES: dict[float, dict[str, Tissue]] = {1.5: TISSUES, 3.0: TISSUES_3T}
+
+
+def tissue_table(field_strength: float) -> dict[str, Tissue]:
+    """The base tissue table at ``field_strength`` tesla (one of ``TISSUE_TABLES``: 1.5 or 3.0)."""
+    try:
+        return TISSUE_TABLES[float(field_strength)]
+    except (KeyError, TypeError, ValueError):
+        known = ", ".join(f"{b:g}" for b in TISSUE_TABLES)
+        raise ValueError(f"field_strength {field_strength!r}: no tissue table (known: {known} T)") from None
 
 
 @dataclass(frozen=True)
@@ -214,7 +260,8 @@ class MRSimulator:
         pv_sigma_mm: Gaussian blur (standard deviation, mm) of crisp label maps that makes partial-volume
             tissue fractions (0.5 mm: a full width at half maximum of about 1.2 mm).
         gain: receiver gain; signals are ``gain * S`` so that white matter is a few hundred units.
-        tissues: base tissue table (defaults to ``TISSUES``), name -> Tissue or {pd, t1, t2, t2s}.
+        tissues: replacements for entries of the base tissue table, name -> Tissue or {pd, t1, t2, t2s}.
+        field_strength: selects the base tissue table, 1.5 (``TISSUES``, the default) or 3.0 (``TISSUES_3T``).
     """
 
     sequences: Mapping = field(default_factory=lambda: dict(DEFAULT_SEQUENCES))
@@ -224,6 +271,7 @@ class MRSimulator:
     pv_sigma_mm: float = 0.5
     gain: float = 1000.0
     tissues: Mapping | None = None
+    field_strength: float = 1.5
 
     def __post_init__(self):
         self.sequences = {k: make_sequence(v) for k, v in dict(self.sequences).items()}
@@ -231,7 +279,8 @@ class MRSimulator:
             raise ValueError(
                 f"simulator sequences must be exactly {CONTRASTS} in that order, got {tuple(self.sequences)}"
             )
-        base = dict(TISSUES)
+        base = dict(tissue_table(self.field_strength))
+        self.field_strength = float(self.field_strength)
         for name, t in dict(self.tissues or {}).items():
             base[name] = t if isinstance(t, Tissue) else Tissue(**t)
         self.tissues = base

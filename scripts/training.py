@@ -8,27 +8,45 @@ inference model (``models/model.pt``).
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
+
+from scripts.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ClipGradients",
     "ExportWeights",
     "PruneCheckpoints",
+    "SetLearningRate",
+    "paired_training_slices",
+    "SourceLeakError",
+    "TrainingLog",
+    "WallClock",
     "distributed_backend",
     "latest_checkpoint",
     "load_weights",
     "resume_handlers",
     "spread",
+    "target_only",
+    "with_tissue_labels",
 ]
+
+# File-name tags of source-modality images written by the prepare workflow (and common in user datasets).
+SOURCE_TAGS = ("pdw", "_pd", "-pd", "t2w", "_t2", "-t2", "source_", "flair")
 
 _CHECKPOINT = re.compile(r"checkpoint_(?:epoch|iteration)=(\d+)\.pt$")
 
@@ -49,13 +67,48 @@ def latest_checkpoint(directory: str | os.PathLike, prefix: str = "checkpoint") 
 
 
 def resume_handlers(directory: str | os.PathLike, load_dict: dict, map_location=None) -> list:
-    """A CheckpointLoader for the newest checkpoint in `directory`, or nothing when training starts afresh."""
+    """A CheckpointLoader for the newest checkpoint in `directory`, or nothing when training starts afresh.
+
+    Objects of `load_dict` that the checkpoint does not hold (one added to the campaign later, such as the
+    :class:`WallClock`) keep their fresh state; an unreadable checkpoint stops the run with one line rather than
+    silently starting afresh (which would overwrite the exported weights after one epoch).
+    """
     path = latest_checkpoint(directory)
     if path is None:
         logger.info(f"no checkpoint in {directory}: training starts from scratch")
         return []
+    try:
+        stored = set(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:  # truncated or foreign file
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}); move it away to resume from "
+            "an older one or to start afresh"
+        ) from error
+    missing = sorted(set(load_dict) - stored)
+    if missing:
+        logger.info(f"{path} holds no {missing}: they start fresh")
     logger.info(f"resuming from {path}")
-    return [CheckpointLoader(load_path=path, load_dict=load_dict, map_location=map_location, strict=True)]
+    present = {k: v for k, v in load_dict.items() if k in stored}
+    return [CheckpointLoader(load_path=path, load_dict=present, map_location=map_location, strict=True)]
+
+
+class WallClock:
+    """Training wall time that survives resumes: put it in the checkpoint dict and it is saved and restored with
+    the trainer, so the campaign log's wall time sums every run, including the time after the last validation."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.offset + time.monotonic() - self.started
+
+    def state_dict(self) -> dict:
+        return {"wall_s": torch.tensor(self.seconds(), dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.offset = float(state["wall_s"])
+        self.started = time.monotonic()
 
 
 def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location=None) -> torch.nn.Module:
@@ -134,3 +187,177 @@ class PruneCheckpoints:
                 found.append((int(match.group(1)), path))
         for _, path in sorted(found)[: -self.keep] if len(found) > self.keep else []:
             path.unlink(missing_ok=True)
+
+
+def paired_training_slices(datalist: str | os.PathLike, count: int, key: str = "source_training") -> list[dict]:
+    """Validation entries from the training subjects' source slices: `count` of them, spread over the list.
+
+    The prepare workflow writes every contrast of a slice side by side (``<stem>_PDw.nii.gz``, ``_T1w``, ``_dseg``,
+    ``_mask``); this pairs each source slice with its target, labels and mask, in the layout of a ``testing`` entry.
+    These source images never reach training (only the target images of these subjects do), and no test subject is
+    among them, so settings can be chosen on them.
+    """
+    datalist = Path(datalist).resolve()
+    base = datalist.parent
+    entries = json.loads(datalist.read_text()).get(key, [])
+    if not entries:
+        raise ValueError(f"{datalist}: no '{key}' entries to validate on.")
+    paired = []
+    for entry in spread(entries, count):
+        source = base / entry["image"]
+        stem, suffix = str(source).rsplit("_", 1)
+        if suffix != "PDw.nii.gz":
+            raise ValueError(f"{source}: not a source slice written by the prepare workflow (<stem>_PDw.nii.gz).")
+        item = {"image": str(source)}
+        for name, kind in (("target", "T1w"), ("label", "dseg"), ("mask", "mask")):
+            path = Path(f"{stem}_{kind}.nii.gz")
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: the {name} of validation slice {source} is missing.")
+            item[name] = str(path)
+        paired.append(item)
+    return paired
+
+
+def with_tissue_labels(entries: list[dict], key: str = "label") -> list[dict]:
+    """Add each target slice's tissue label map under `key` where the prepare workflow wrote one beside it.
+
+    ``<stem>_T1w.nii.gz`` -> ``<stem>_dseg.nii.gz`` (the target anatomy's labels, no source image involved); the
+    contrast randomisation puts its knots at those tissues' intensities. Entries without one (e.g. real IXI T1w)
+    are returned as they are, and the randomisation falls back to k-means clusters.
+    """
+    labelled = []
+    for entry in entries:
+        item = dict(entry)
+        image = str(item.get("image", ""))
+        if key not in item and image.endswith("_T1w.nii.gz"):
+            label = image[: -len("_T1w.nii.gz")] + "_dseg.nii.gz"
+            if Path(label).is_file():
+                item[key] = label
+        labelled.append(item)
+    return labelled
+
+
+class SourceLeakError(ValueError):
+    """A training entry points at a source-modality image: the translator must see target images only."""
+
+
+def target_only(entries: list[dict], keys: tuple[str, ...] = ("image",)) -> list[dict]:
+    """Return `entries` unchanged after checking that no file under `keys` is a source-modality image.
+
+    The zero-shot claim rests on this: the translator's training set holds target (T1w) images only. A datalist
+    whose ``training`` key names a PDw, T2w, FLAIR or ``source_*`` file stops training with one line.
+    """
+    if not entries:
+        raise ValueError("the training datalist is empty.")
+    for entry in entries:
+        for key in keys:
+            name = Path(str(entry.get(key, ""))).name.lower()
+            if any(tag in name for tag in SOURCE_TAGS):
+                raise SourceLeakError(
+                    f"training entry {entry.get(key)!r} looks like a source-modality image; the translator is "
+                    "trained on target (T1w) images only."
+                )
+    return entries
+
+
+class TrainingLog:
+    """Validation handler: append one CSV row per validation to `path` (the training campaign's log).
+
+    Columns: ``iteration`` (optimizer steps so far), ``epoch``, ``wall_s`` (training wall time summed over every
+    run of the campaign, resumes included), ``images_seen``, each validation metric and ``validation`` (what the
+    metrics were measured on, so that a campaign that changes its validation set stays readable). The file is rewritten
+    atomically, so a kill never leaves half a row.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, trainer: Engine, validation: str = "", clock: WallClock | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.trainer = trainer
+        self.validation = validation
+        self.clock = clock
+        self.offset = self._last_wall_time()
+        self.started = time.monotonic()
+
+    def wall_seconds(self) -> float:
+        """The campaign's wall time: the checkpointed clock when it was restored, else the log's last row plus
+        this run's time (a run resumed from a checkpoint without a clock)."""
+        if self.clock is None:
+            return self.offset + time.monotonic() - self.started
+        if self.clock.offset == 0 and self.offset > 0:  # resumed from a checkpoint saved before the clock existed
+            self.clock.offset = self.offset
+        return self.clock.seconds()
+
+    def _rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def _last_wall_time(self) -> float:
+        rows = self._rows()
+        return float(rows[-1]["wall_s"]) if rows else 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        state = self.trainer.state
+        batch_size = getattr(self.trainer.data_loader, "batch_size", None) or 1
+        row = {
+            "iteration": int(state.iteration),
+            "epoch": int(state.epoch),
+            "wall_s": round(self.wall_seconds(), 1),
+            "images_seen": int(state.iteration) * int(batch_size),
+        }
+        row.update({k: round(float(v), 5) for k, v in engine.state.metrics.items()})
+        if self.validation:
+            row["validation"] = self.validation
+        rows = [r for r in self._rows() if int(r["iteration"]) < row["iteration"]] + [row]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.path, text.getvalue())
+        logger.info("training log: %s", ", ".join(f"{k}={v}" for k, v in row.items()))
+
+
+class ClipGradients:
+    """Trainer handler: clip the global gradient norm to `max_norm` between backward and the optimizer step.
+
+    A single bad batch can throw the weights far off (a loss spike), and the EMA model then carries the damage for
+    about ``1 / ema_momentum`` steps; clipping bounds what one step can do.
+    """
+
+    def __init__(self, network: torch.nn.Module, max_norm: float = 1.0) -> None:
+        if max_norm <= 0:
+            raise ValueError(f"max_norm must be positive, got {max_norm}.")
+        self.network = network
+        self.max_norm = float(max_norm)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.max_norm)
+
+
+class SetLearningRate:
+    """Trainer handler: set every parameter group's learning rate to `lr` when a run starts.
+
+    A resumed run loads the optimizer state of its checkpoint, learning rate included; attach this after the
+    checkpoint loader so that the configured rate wins (a campaign may lower it between runs).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        self.optimizer = optimizer
+        self.lr = float(lr)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr

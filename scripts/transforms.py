@@ -22,7 +22,7 @@ __all__ = ["HeadMask", "HeadMaskd", "RobustScaled", "head_mask", "robust_scale"]
 
 
 def robust_scale(image: np.ndarray | torch.Tensor, percentile: float = 99.5) -> np.ndarray | torch.Tensor:
-    """Scale to [0, 1] by the image's own `percentile` (clipped), the protocol of DESIGN.md section 4.
+    """Scale to [0, 1] by the image's own `percentile` (clipped): the evaluation protocol of docs/README.md.
 
     A percentile rather than the maximum keeps a few hot voxels (Rician noise, vessels) from squashing the contrast.
     """

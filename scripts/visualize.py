@@ -1,9 +1,12 @@
-"""Figures a person looks at: source | translated | target rows, written as PNG when an inference run completes."""
+"""Figures a person looks at: source | translated | target rows (written when an inference run completes) and the
+training campaign's validation curve."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from monai.data import MetaTensor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TranslationFigure", "middle_slice", "save_rows"]
+__all__ = ["TranslationFigure", "middle_slice", "read_training_log", "save_rows", "save_training_curve"]
 
 
 def middle_slice(array: np.ndarray) -> np.ndarray:
@@ -31,6 +34,25 @@ def middle_slice(array: np.ndarray) -> np.ndarray:
 def _unit(array: np.ndarray) -> np.ndarray:
     top = float(np.percentile(array, 99.5)) if array.size else 1.0
     return np.clip(array / max(top, 1e-8), 0.0, 1.0)
+
+
+def _save_figure(fig: plt.Figure, path: str | os.PathLike, title: str = "") -> None:
+    """Title, lay out and write `fig` as a PNG through a temporary file renamed into place, then close it."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(handle)
+    try:
+        fig.savefig(temp, dpi=110)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def save_rows(rows: list[dict[str, np.ndarray]], path: str | os.PathLike, title: str = "") -> None:
@@ -48,15 +70,7 @@ def save_rows(rows: list[dict[str, np.ndarray]], path: str | os.PathLike, title:
             if r == 0:
                 ax.set_title(name, fontsize=9)
             ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.png")
-    fig.savefig(partial, dpi=110)
-    plt.close(fig)
-    os.replace(partial, path)
+    _save_figure(fig, path, title)
 
 
 class TranslationFigure:
@@ -98,3 +112,50 @@ class TranslationFigure:
         if self.rows:
             save_rows(self.rows, self.path, self.title)
             logger.info(f"wrote {self.path}")
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def read_training_log(path: str | os.PathLike) -> list[dict[str, float | str]]:
+    """The rows of a campaign log written by ``scripts.training.TrainingLog`` (numbers, and the validation set name)."""
+    with open(path, newline="") as handle:
+        rows = [
+            {k: _number_or_text(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)
+        ]
+    if not rows:
+        raise ValueError(f"{path}: the training log has no rows.")
+    return rows
+
+
+def save_training_curve(
+    rows: list[dict[str, float]], path: str | os.PathLike, title: str = "", metrics: tuple[str, ...] = ()
+) -> None:
+    """Validation metrics against optimizer steps (bottom axis) and wall-clock hours (top axis), one panel each; a
+    dashed line marks each change of validation set (the log's ``validation`` column), whose scores do not compare."""
+    metrics = metrics or tuple(k for k in rows[0] if k.startswith("val_"))
+    changes = [
+        row["iteration"]
+        for prev, row in zip(rows, rows[1:], strict=False)
+        if prev.get("validation") != row.get("validation")
+    ]
+    steps = np.array([row["iteration"] for row in rows])
+    hours = np.array([row["wall_s"] for row in rows]) / 3600.0
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], metrics, strict=True):
+        values = np.array([row.get(name, np.nan) for row in rows])
+        ax.plot(steps, values, marker="o", markersize=3)
+        for step in changes:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("optimizer steps")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        top = ax.secondary_xaxis(
+            "top", functions=(lambda s: np.interp(s, steps, hours), lambda h: np.interp(h, hours, steps))
+        )
+        top.set_xlabel("wall-clock hours", fontsize=8)
+    _save_figure(fig, path, title)

@@ -96,7 +96,7 @@ def test_requirements_pin_the_same_versions(metadata):
 
 
 # Override files are only meaningful merged onto the config they extend, as the bundle runner merges them.
-OVERRIDES = {"multi_gpu_train.json": "train.json"}
+OVERRIDES = {"multi_gpu_train.json": "train.json", "prepare_second_physics.json": "prepare.json"}
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.json")))
@@ -105,7 +105,10 @@ def test_every_config_parses(config):
     files = [CONFIGS / OVERRIDES[config], CONFIGS / config] if config in OVERRIDES else [CONFIGS / config]
     parser.read_config(files)
     assert parser.get() is not None
-    if config in OVERRIDES:
+    if config == "prepare_second_physics.json":
+        assert parser["simulator#_target_"] == "scripts.simulation.MRSimulator"
+        assert parser["simulator#field_strength"] == 3.0 and parser["source"] == "labelmaps"
+    elif config in OVERRIDES:
         assert parser["train#sampler"]["_target_"] == "DistributedSampler"
         assert parser["train#dataloader#sampler"] == "@train#sampler"
 

@@ -31,26 +31,38 @@ def _save(array: np.ndarray, path: Path) -> str:
     return path.name
 
 
-@pytest.fixture(scope="module")
-def eval_dataset(tmp_path_factory) -> Path:
-    """Three paired test slices (PD-like source, T1-like target, tissue labels 0-3, brain mask) at 32 x 32."""
-    root = tmp_path_factory.mktemp("eval_dataset")
+def _paired_dataset(root: Path, size: int, count: int) -> Path:
+    """`count` paired test slices (PD-like source, T1-like target, T2-like `t2`, tissue labels 0-3, brain mask)."""
     testing = []
-    for i in range(3):
-        t1 = phantom(32, seed=20 + i)[0, 0].numpy()
+    for i in range(count):
+        t1 = phantom(size, seed=20 + i)[0, 0].numpy()
         pd = np.where(t1 > 0.05, 1.1 - t1, 0.0)
+        t2 = np.where(t1 > 0.05, (1.0 - t1) ** 2 + 0.05, 0.0)
         labels = np.digitize(t1, [0.05, 0.3, 0.7]) * (t1 > 0.05)
-        labels[:3] = 0  # a border outside the brain
+        labels[: max(3, size // 10)] = 0  # a border outside the brain
         testing.append(
             {
                 "image": _save(pd * 900, root / f"case{i}_PDw.nii.gz"),
                 "target": _save(t1 * 800, root / f"case{i}_T1w.nii.gz"),
+                "t2": _save(t2 * 1200, root / f"case{i}_T2w.nii.gz"),
                 "label": _save(labels, root / f"case{i}_dseg.nii.gz"),
                 "mask": _save(labels > 0, root / f"case{i}_mask.nii.gz"),
             }
         )
-    (root / "datalist.json").write_text(json.dumps({"testing": testing}))
+    (root / "datalist.json").write_text(json.dumps({"name": f"phantoms {size} x {size}", "testing": testing}))
     return root
+
+
+@pytest.fixture(scope="module")
+def eval_dataset(tmp_path_factory) -> Path:
+    """Three paired test slices at 32 x 32 (the tests run the evaluator at that size)."""
+    return _paired_dataset(tmp_path_factory.mktemp("eval_dataset"), 32, 3)
+
+
+@pytest.fixture(scope="module")
+def grid_dataset(tmp_path_factory) -> Path:
+    """Two paired slices on the evaluation grid (128 x 128): the comparison saves outputs at the source's size."""
+    return _paired_dataset(tmp_path_factory.mktemp("grid_dataset"), 128, 2)
 
 
 def evaluate(dataset: Path, output: Path, *extra: str, check: bool = True):
@@ -123,6 +135,47 @@ def test_the_target_as_source_reproduces_the_oracle(eval_dataset, tmp_path):
     assert metrics["dice_vs_oracle"] == pytest.approx(1.0)
     assert metrics["dice"] == pytest.approx(metrics["oracle_dice"])
     assert metrics["ssim"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_source_key_t2_translates_the_t2_slice_of_each_entry(eval_dataset, tmp_path):
+    """`--source_key t2`: the evaluator reads the entry's T2w slice as the source (identity: its output is the T2w)."""
+    evaluate(eval_dataset, tmp_path, "--method", "identity", "--source_key", "t2", "--save_outputs", "True")
+    folder = tmp_path / "identity"
+    metrics = read_metrics(folder)
+    entries = json.loads((eval_dataset / "datalist.json").read_text())["testing"]
+    psnr_t2, psnr_pd = [], []
+    for entry in entries:
+        target = torch.from_numpy(robust_scale(load(eval_dataset / entry["target"])))[None, None]
+        for key, values in (("t2", psnr_t2), ("image", psnr_pd)):
+            source = torch.from_numpy(robust_scale(load(eval_dataset / entry[key])))[None, None]
+            values.append(float(PSNRMetric(1.0)(source, target)))
+    assert metrics["psnr"] == pytest.approx(np.mean(psnr_t2), abs=1e-3)
+    assert abs(np.mean(psnr_t2) - np.mean(psnr_pd)) > 0.1, "the fixture's T2w and PDw must differ for this to test"
+    with open(folder / "psnr_raw.csv") as f:
+        assert all(Path(row["filename"]).name.endswith("_T2w.nii.gz") for row in csv.DictReader(f))
+    output = load(folder / "images" / "case0_T2w_to_t1w_identity.nii.gz")
+    np.testing.assert_allclose(output, robust_scale(load(eval_dataset / entries[0]["t2"])), atol=2e-3)
+    assert np.abs(output - robust_scale(load(eval_dataset / entries[0]["image"]))).max() > 0.1
+
+
+def test_load_evaluation_datalist_validates_the_source_key(eval_dataset, tmp_path):
+    from scripts.evaluation import load_evaluation_datalist
+    from scripts.io import InputError
+
+    entries = load_evaluation_datalist(eval_dataset / "datalist.json", eval_dataset, source_key="t2")
+    assert [Path(e["image"]).name for e in entries] == [f"case{i}_T2w.nii.gz" for i in range(3)]
+    assert all(Path(e["source_image"]).name.endswith("_PDw.nii.gz") and e["source_key"] == "t2" for e in entries)
+    with pytest.raises(InputError, match=r"entry 0 .*missing key\(s\) \['flair'\]"):
+        load_evaluation_datalist(eval_dataset / "datalist.json", eval_dataset, source_key="flair")
+    datalist = json.loads((eval_dataset / "datalist.json").read_text())
+    datalist["testing"][2]["t2"] = str(tmp_path / _save(np.ones((30, 32)), tmp_path / "small_T2w.nii.gz"))
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    with pytest.raises(InputError, match="entry 2 .*shapes differ"):
+        load_evaluation_datalist(tmp_path / "datalist.json", eval_dataset, source_key="t2")
+    with pytest.raises(InputError, match="'t2' file not found"):
+        datalist["testing"][0]["t2"] = "nowhere_T2w.nii.gz"
+        (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+        load_evaluation_datalist(tmp_path / "datalist.json", eval_dataset, source_key="t2")
 
 
 @pytest.mark.parametrize("method", ["lmi", "sdedit", "cyclegan", "stylegan"])
@@ -208,10 +261,26 @@ def test_timed_inferer_reports_seconds_per_slice():
     assert engine.state.metrics["seconds_per_slice"] >= 0
 
 
-def test_quick_comparison_writes_the_table_the_json_and_the_figure(tmp_path):
+def _strings(value):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_quick_comparison_writes_the_table_the_json_and_the_figure(grid_dataset, tmp_path):
+    """CI's smoke run, with the T2w block on the fixture (the demo has no T2w) and the BrainWeb block when
+    ../shared is there; the second-physics block is pointed at an absent folder and must say it is skipped."""
     import compare
 
-    result = compare.main(["--quick", "--output", str(tmp_path / "comparison"), "--figure", str(tmp_path / "c.png")])
+    argv = ["--quick", "--output", str(tmp_path / "comparison"), "--figure", str(tmp_path / "c.png")]
+    argv += ["--t2-dataset", str(grid_dataset), "--physics2-dataset", str(tmp_path / "absent")]
+    result = compare.main(argv)
     assert list(result["methods"]) == compare.DEFAULT_METHODS
     table = (tmp_path / "comparison.md").read_text()
     for method in compare.DEFAULT_METHODS:
@@ -219,7 +288,145 @@ def test_quick_comparison_writes_the_table_the_json_and_the_figure(tmp_path):
         row = result["methods"][method]
         assert 0 <= row["dice"]["mean"] <= 1 and np.isfinite(row["psnr"]["mean"]) and 0 < row["ssim"]["mean"] <= 1
     assert "Published (Wang et al." in table and "0.88" in table
-    assert json.loads((tmp_path / "comparison.json").read_text())["num_slices"] == 4
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    assert written["num_slices"] == 4
     assert result["methods"]["identity"]["steps"] == 0 and result["methods"]["lmi"]["steps"] == 2
+
+    # T2w -> T1w through --source_key t2, on 2 fixture slices
+    t2 = written["blocks"]["t2"]
+    assert t2["source_key"] == "t2" and t2["num_slices"] == 2 and list(t2["methods"]) == ["lmi"]
+    assert all(case.endswith("_T2w.nii.gz") for case in t2["cases"])
+    assert np.isfinite(t2["methods"]["lmi"]["psnr"]["mean"]) and 0 <= t2["methods"]["lmi"]["dice"]["mean"] <= 1
+    assert any("--source_key t2" in command for command in written["commands"])
+    assert "T2w -> T1w" in table
+    assert "absent has no datalist.json" in written["blocks"]["physics2"]["skipped"]
+    assert "Skipped: <external>/absent has no datalist.json" in table
+
+    # training budgets of every learned method, from models/training_budgets.json and the campaign log
+    for method in ("lmi_paper", "cyclegan", "stylegan"):
+        budget = written["methods"][method]["training"]
+        assert budget["steps"] > 0 and budget["images_seen"] > 0 and budget["wall_s"] > 0
+        assert budget["hardware"] and budget["source"]
+    assert written["methods"]["lmi_paper"]["training"]["steps"] == 5976
+    assert written["methods"]["identity"]["training"] is None
+    assert written["methods"]["sdedit"]["training"]["same_as"] == "lmi"
+    log_path = BUNDLE_ROOT / "models" / "training_log.csv"
+    if compare.read_training_log(log_path) is not None:  # a running campaign may add rows meanwhile: one of them
+        with open(log_path) as f:
+            logged = {int(float(row["iteration"])): row for row in csv.DictReader(f)}
+        lmi = written["methods"]["lmi"]["training"]
+        assert lmi["steps"] in logged and lmi["images_seen"] == int(float(logged[lmi["steps"]]["images_seen"]))
+    for title in ("training steps", "training images seen", "training wall time", "training hardware"):
+        assert f"| {title} |" in table
+    assert "| training steps | – | " in table and "5,976" in table
+
+    # nothing of this machine's layout in the results
+    for text in _strings(written):
+        assert str(BUNDLE_ROOT) not in text and str(tmp_path) not in text, text
+        assert not any(Path(token.strip("'\"`(),")).is_absolute() for token in text.split()), text
+    assert all(not Path(case).is_absolute() for case in written["cases"])
+
+    brainweb = written["blocks"]["brainweb"]
+    if (compare.REAL_FIXTURES / "brainweb_pd_slice.png").is_file():
+        row = brainweb["methods"]["lmi"]
+        assert brainweb["cases"] == ["brainweb_PD.nii.gz"] and 0 <= row["dice"]["mean"] <= 1
+        assert np.isfinite(row["psnr"]["mean"]) and 0 <= row["dice_vs_refit"] <= 1
+        assert brainweb["oracle_dice"]["mean"] == pytest.approx(1.0), "the label is K-means of the same T1"
+        assert "Real BrainWeb PD -> T1 pair" in table and "head_mask of the BrainWeb T1" in table
+    else:
+        assert "not found" in brainweb["skipped"]
     image = __import__("matplotlib.image", fromlist=["imread"]).imread(tmp_path / "c.png")
-    assert image.shape[0] > 500 and image.shape[1] > 1000, "3 slices x 2 rows, 8 columns"
+    assert image.shape[0] > 500 and image.shape[1] > 1000, "3 slices x 2 rows (+ real rows), 8 columns"
+
+
+def test_brainweb_conversion_writes_a_valid_evaluation_datalist(shared_data_dir, tmp_path):
+    import compare
+
+    from scripts.evaluation import load_evaluation_datalist
+    from scripts.transforms import head_mask
+
+    fixtures = shared_data_dir / "real_fixtures"
+    datalist, info = compare.real_fixture_dataset(fixtures, tmp_path / "real")
+    entries = load_evaluation_datalist(datalist, datalist.parent)  # the evaluator's own checks: files, shapes, labels
+    assert [e["case"] for e in entries] == ["brainweb", "ixi"]
+    assert not any(
+        Path(v).is_absolute()
+        for e in json.loads(datalist.read_text())["testing"]
+        for v in e.values()
+        if isinstance(v, str)
+    )
+    brainweb = entries[0]
+    pd, t1, label, mask = (load(Path(brainweb[key])) for key in ("image", "target", "label", "mask"))
+    refit = load(tmp_path / "real" / json.loads(datalist.read_text())["testing"][0]["label_refit"])
+    assert pd.shape == t1.shape == label.shape == mask.shape == refit.shape == (128, 128)
+    assert set(np.unique(label)) == {0, 1, 2, 3} and set(np.unique(refit)) == {0, 1, 2, 3}
+    assert set(np.unique(mask)) == {0, 1} and not label[mask == 0].any()
+    segmenter = KMeansTissueSegmenter.load(BUNDLE_ROOT / "models" / "segmenter.json")
+    np.testing.assert_array_equal(label, segmenter(robust_scale(t1), mask))
+    # the mask is the intracranial region: inside the head, well short of it (scalp and skull left out)
+    head = head_mask(t1).astype(bool)
+    assert not (mask.astype(bool) & ~head).any() and 0.5 * head.sum() < mask.sum() < 0.9 * head.sum()
+    assert info["label_pixels"] == {name: int((label == i + 1).sum()) for i, name in enumerate(("CSF", "GM", "WM"))}
+    # the same image as the PNG, zero-padded to 256 x 256, 2 x 2 mean-pooled, stored so that rot90 shows it upright
+    png = __import__("matplotlib.image", fromlist=["imread"]).imread(fixtures / "brainweb_t1_slice.png") * 255
+    padded = np.zeros((256, 256))
+    padded[19 : 19 + 217, 37 : 37 + 181] = png
+    np.testing.assert_allclose(np.rot90(t1), padded.reshape(128, 2, 128, 2).mean(axis=(1, 3)), atol=1e-3)
+    ixi = entries[1]
+    assert (
+        ixi["paired"] is False and not load(Path(ixi["label"])).any() and load(Path(ixi["image"])).shape == (128, 128)
+    )
+
+
+def test_training_budgets_read_the_last_log_row_and_the_shared_networks(tmp_path):
+    import compare
+
+    (tmp_path / "log.csv").write_text(
+        "iteration,epoch,wall_s,images_seen,val_dice,val_ssim,val_psnr\n"
+        "100,1,50.5,800,0.4,0.5,15\n"
+        "200,2,101.0,1600,0.45,0.55,16\n"
+    )
+    spec = {
+        "methods": {
+            "lmi": {"log": "log.csv", "hardware": "CPU, 1 thread", "source": "the log"},
+            "sdedit": {"same_as": "lmi", "source": "samples lmi"},
+            "cyclegan": {"steps": 10, "images_seen": 40, "wall_s": 5, "hardware": "GPU", "source": "known"},
+            "stylegan": {"log": "missing.csv", "hardware": "CPU", "source": "not yet"},
+        }
+    }
+    (tmp_path / "budgets.json").write_text(json.dumps(spec))
+    budgets = compare.training_budgets(tmp_path / "budgets.json", tmp_path)
+    assert budgets["lmi"]["steps"] == 200 and budgets["lmi"]["images_seen"] == 1600
+    assert budgets["lmi"]["wall_s"] == 101.0 and budgets["lmi"]["hardware"] == "CPU, 1 thread"
+    assert budgets["sdedit"]["steps"] == 200 and budgets["sdedit"]["same_as"] == "lmi"
+    assert budgets["cyclegan"]["steps"] == 10
+    assert budgets["stylegan"]["steps"] is None and "missing.csv not found" in budgets["stylegan"]["note"]
+
+
+@pytest.mark.parametrize(
+    "method, checkpoint",
+    [
+        ("lmi_paper", "checkpoints_lmi_paper/checkpoint_epoch=72.pt"),
+        ("cyclegan", "checkpoints_cyclegan/checkpoint_epoch=10.pt"),
+        ("stylegan", "checkpoints_stylegan/checkpoint_epoch=140.pt"),
+    ],
+)
+def test_shipped_training_budgets_match_the_checkpoints(method, checkpoint):
+    """The steps in models/training_budgets.json are the trainer iterations stored in the shipped checkpoints."""
+    path = BUNDLE_ROOT / "models" / checkpoint
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not here")
+    state = torch.load(path, map_location="cpu", weights_only=False)["trainer"]
+    spec = json.loads((BUNDLE_ROOT / "models" / "training_budgets.json").read_text())["methods"][method]
+    assert spec["steps"] == state["iteration"]
+    assert checkpoint in spec["source"]
+
+
+def test_saved_outputs_of_a_source_off_the_evaluation_grid_keep_the_grid_geometry(tmp_path):
+    """A 48 x 48 source evaluated on the 32 x 32 grid: the saved translation is that grid, with its own affine."""
+    (tmp_path / "data48").mkdir()
+    dataset = _paired_dataset(tmp_path / "data48", 48, 1)
+    evaluate(dataset, tmp_path / "out", "--method", "identity", "--save_outputs", "True")
+    saved = nib.load(str(tmp_path / "out" / "identity" / "images" / "case0_PDw_to_t1w_identity.nii.gz"))
+    assert saved.shape[:2] == (32, 32)
+    assert np.allclose(np.abs(np.diag(saved.affine))[:2], 2.0 * 48 / 32), "the pixel size follows the resampling"

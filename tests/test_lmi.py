@@ -1,4 +1,4 @@
-"""Tests of the Local Mutual Information operator (scripts/lmi.py) against the DESIGN.md section 2 definition."""
+"""Tests of the Local Mutual Information operator (scripts/lmi.py) against its definition (docs/README.md)."""
 
 from __future__ import annotations
 

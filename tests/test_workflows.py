@@ -25,6 +25,26 @@ TINY = [
     "--model_size", "[32, 32]",
     "--image_size", "[32, 32]",
 ]  # fmt: skip
+# The same for the paper's recipe (configs/train_lmi_paper.json, method lmi_paper), which has its own network.
+TINY_PAPER_NETWORK = {
+    "_target_": "DiffusionModelUNet",
+    "spatial_dims": 2,
+    "in_channels": "$1 + @paper_conditioner.num_channels",
+    "out_channels": 1,
+    "channels": [8, 8],
+    "attention_levels": [False, False],
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 8,
+}
+TINY_PAPER = [
+    "--paper_network_def",
+    json.dumps(TINY_PAPER_NETWORK),
+    "--paper_model_size",
+    "[16, 16]",
+    "--image_size",
+    "[32, 32]",
+]
 
 
 def bundle_run(config: str | list[str], *overrides: str, torchrun: int = 0, check: bool = True):
@@ -53,10 +73,16 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """Six target-only training slices and two paired test slices, in the prepare workflow's datalist layout."""
     root = tmp_path_factory.mktemp("tiny_dataset")
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    datalist = {"training": [], "testing": []}
+    datalist = {"training": [], "source_training": [], "testing": []}
     for i in range(6):
-        image = phantom(32, seed=i)[0, 0].numpy() * 800
-        datalist["training"].append({"image": _save(image, affine, root / f"train_{i}_t1.nii.gz"), "subject": "s1"})
+        t1 = phantom(32, seed=i)[0, 0].numpy()
+        labels = np.digitize(t1, [0.05, 0.3, 0.7]).astype(np.float32)
+        datalist["training"].append({"image": _save(t1 * 800, affine, root / f"train_{i}_T1w.nii.gz"), "subject": "s1"})
+        # the training subjects' source slices with their siblings, as the prepare workflow writes them (validation)
+        pd = _save(np.where(t1 > 0, 1.1 - t1, 0) * 900, affine, root / f"train_{i}_PDw.nii.gz")
+        _save(labels, affine, root / f"train_{i}_dseg.nii.gz")
+        _save((labels > 0).astype(np.float32), affine, root / f"train_{i}_mask.nii.gz")
+        datalist["source_training"].append({"image": pd, "subject": "s1"})
     for i in range(2):
         t1 = phantom(32, seed=10 + i)[0, 0].numpy()
         pd = np.where(t1 > 0, 1.1 - t1, 0)
@@ -74,8 +100,8 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def train_overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
-    return TINY + [
+def train_overrides(dataset: Path, models: Path, epochs: int, tiny: list[str] = TINY) -> list[str]:
+    return tiny + [
         "--dataset_dir", str(dataset),
         "--ckpt_dir", str(models),
         "--output_dir", str(models / "logs"),
@@ -90,19 +116,54 @@ def train_overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
 def test_training_runs_and_resumes_after_an_interruption(tiny_dataset, tmp_path):
     models = tmp_path / "models"
     first = bundle_run("configs/train.json", *train_overrides(tiny_dataset, models, epochs=1))
-    assert "val_ssim" in first.stdout + first.stderr, "the validation handler must log SSIM"
+    first_log = first.stdout + first.stderr
+    assert "val_dice" in first_log and "val_ssim" in first_log, "the validation handler must log Dice and SSIM"
     checkpoint = models / "checkpoints" / "checkpoint_epoch=1.pt"
     assert checkpoint.is_file() and (models / "model.pt").is_file()
+    rows = (models / "training_log.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["iteration", "epoch", "wall_s", "images_seen"] and len(rows) == 2
     weights = torch.load(models / "model.pt", weights_only=True)
 
     # A second run with more epochs continues from epoch 1 instead of starting again.
-    second = bundle_run("configs/train.json", *train_overrides(tiny_dataset, models, epochs=2))
+    # The campaign may lower the learning rate between runs: the configured rate wins over the checkpoint's.
+    second = bundle_run(
+        "configs/train.json", *train_overrides(tiny_dataset, models, epochs=2), "--learning_rate", "0.0002"
+    )
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
     assert (models / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
+    state = torch.load(models / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.0002
+    assert float(state["wall_clock"]["wall_s"]) > 0, "the campaign's wall time is part of the resume state"
     assert not checkpoint.exists(), "only the newest checkpoint is kept"
     updated = torch.load(models / "model.pt", weights_only=True)
     assert any(not torch.equal(weights[k], updated[k]) for k in weights), "resumed training must update the weights"
+    rows = [row.split(",") for row in (models / "training_log.csv").read_text().splitlines()[1:]]
+    assert [int(row[1]) for row in rows] == [1, 2], "the campaign log continues across the resume"
+    assert float(rows[1][2]) > float(rows[0][2]) and int(rows[1][0]) > int(rows[0][0])
+
+
+def test_paper_recipe_trains_with_its_own_network(tiny_dataset, tmp_path):
+    models = tmp_path / "models"
+    bundle_run("configs/train_lmi_paper.json", *train_overrides(tiny_dataset, models, epochs=1, tiny=TINY_PAPER))
+    assert (models / "checkpoints_lmi_paper" / "checkpoint_epoch=1.pt").is_file()
+    state = torch.load(models / "lmi_paper.pt", weights_only=True)
+    assert state["conv_in.conv.weight"].shape[1] == 4, "x_t, LMI(s, x_t), LMI(s, s) and the head mask"
+
+
+def test_a_source_image_in_the_training_list_stops_training(tiny_dataset, tmp_path):
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    datalist = json.loads((tiny_dataset / "datalist.json").read_text())
+    source = tiny_dataset / datalist["testing"][0]["image"]
+    datalist["training"].append({"image": str(source), "subject": "s2"})
+    (leaky / "datalist.json").write_text(json.dumps(datalist))
+    overrides = train_overrides(tiny_dataset, tmp_path / "models", epochs=1)
+    result = bundle_run("configs/train.json", *overrides, "--datalist", str(leaky / "datalist.json"), check=False)
+    assert result.returncode != 0
+    assert "looks like a source-modality image" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()
 
 
 def test_two_process_cpu_ddp_training(tiny_dataset, tmp_path):
@@ -114,6 +175,7 @@ def test_two_process_cpu_ddp_training(tiny_dataset, tmp_path):
     )
     assert (models / "checkpoints" / "checkpoint_epoch=1.pt").is_file(), result.stdout[-2000:]
     state = torch.load(models / "model.pt", weights_only=True)
+    assert "unet.conv_in.conv.weight" in state, "the default translator's space-to-depth UNet"
     assert not any(k.startswith("module.") for k in state), "exported weights must load without DDP"
 
 

@@ -1,0 +1,101 @@
+"""Target-only contrast randomisation (scripts.contrast) and the training pipeline that uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from phantoms import phantom
+
+from scripts.contrast import RandContrastRemapd, intensity_clusters, random_levels, remap_intensities
+
+
+def _reference(seed: int, image: torch.Tensor | None = None) -> torch.Tensor:
+    transform = RandContrastRemapd(keys="image")
+    transform.set_random_state(seed=seed)
+    image = phantom(64, seed=1)[0] if image is None else image
+    return transform({"image": image})["reference"]
+
+
+def test_randomisation_is_deterministic_per_seed_and_varies_across_seeds():
+    assert torch.equal(_reference(3), _reference(3))
+    references = [_reference(seed) for seed in range(6)]
+    differences = [float((references[0] - other).abs().mean()) for other in references[1:]]
+    assert min(differences) > 0.01, differences
+
+
+def test_randomisation_keeps_shape_range_and_dark_air():
+    image = phantom(64, seed=2)[0]
+    air = image[0] == 0
+    assert air.sum() > 100
+    for seed in range(10):
+        reference = _reference(seed, image)
+        assert reference.shape == image.shape and reference.dtype == torch.float32
+        assert float(reference.min()) >= 0.0 and float(reference.max()) <= 1.0
+        assert float(reference[0][air].max()) == 0.0, "air must stay dark"
+        assert float(reference[0][~air].mean()) > 0.05, "the head must not vanish"
+
+
+def test_tissue_clusters_go_to_distinct_levels_in_random_order():
+    rng = np.random.RandomState(0)
+    orders = set()
+    for _ in range(40):
+        levels = random_levels(3, rng, min_separation=0.12)
+        assert np.min(np.diff(np.sort(levels))) >= 0.12 and levels.min() >= 0.08 and levels.max() <= 1.0
+        orders.add(tuple(np.argsort(levels)))
+    assert len(orders) == 6, "every order of three tissues must occur (CSF > GM > WM as in PDw included)"
+    with pytest.raises(ValueError, match="cannot place"):
+        random_levels(10, rng, min_separation=0.2)
+
+
+def test_clusters_and_the_map_send_each_tissue_to_its_level():
+    values = np.concatenate([np.full(100, 0.2), np.full(100, 0.5), np.full(100, 0.9)])
+    centres = intensity_clusters(values + np.random.RandomState(0).normal(0, 0.01, values.size), 3)
+    assert np.allclose(centres, [0.2, 0.5, 0.9], atol=0.01)
+    levels = np.array([0.9, 0.3, 0.6])  # an inverted, PD-like order
+    mapped = remap_intensities(np.array([0.0, 0.01, 0.2, 0.5, 0.9, 1.0]), np.array([0.2, 0.5, 0.9]), levels)
+    assert np.allclose(mapped, [0.0, 0.0, 0.9, 0.3, 0.6, 0.6], atol=1e-6)
+
+
+def test_probability_zero_copies_the_image():
+    transform = RandContrastRemapd(keys="image", prob=0.0)
+    image = phantom(32)[0]
+    assert torch.equal(transform({"image": image})["reference"], image)
+
+
+def test_bad_settings_and_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="num_clusters"):
+        RandContrastRemapd(keys="image", num_clusters=(4, 2))
+    with pytest.raises(ValueError, match=r"\(1, H, W\)"):
+        RandContrastRemapd(keys="image")({"image": torch.zeros(2, 8, 8)})
+
+
+def _labelled_phantom() -> tuple[torch.Tensor, torch.Tensor]:
+    image = phantom(64, seed=3)[0]
+    value = image[0].numpy()
+    label = np.zeros_like(value)
+    label[(value > 0.5) & (value < 0.75)] = 2  # the "cortex" level 0.6
+    label[value >= 0.75] = 3  # the bright inner blobs
+    label[(value > 0.05) & (value < 0.2)] = 1  # the dark gap
+    return image, torch.from_numpy(label)[None]
+
+
+def test_with_a_label_map_the_knots_are_the_tissue_intensities():
+    image, label = _labelled_phantom()
+    transform = RandContrastRemapd(keys="image")
+    transform.set_random_state(seed=0)
+    knots = transform.knots(image[0].numpy(), label[0].numpy())
+    for tissue in (1, 2, 3):
+        median = float(np.median(image[0].numpy()[label[0].numpy() == tissue]))
+        assert np.min(np.abs(knots - median)) < 1e-6, f"tissue {tissue} must be a knot"
+    assert np.all(np.diff(knots) > 0.02), "near-identical knots are merged"
+
+
+def test_with_a_label_map_every_tissue_keeps_a_contrast_to_the_others():
+    image, label = _labelled_phantom()
+    for seed in range(10):
+        transform = RandContrastRemapd(keys="image", min_separation=0.12)
+        transform.set_random_state(seed=seed)
+        reference = transform({"image": image, "label": label})["reference"][0].numpy()
+        medians = sorted(float(np.median(reference[label[0].numpy() == k])) for k in (1, 2, 3))
+        assert min(np.diff(medians)) > 0.03, (seed, medians)

@@ -1,0 +1,38 @@
+"""benchmarks/training_report.py: the campaign log as a table, a JSON budget and a curve figure."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BUNDLE_ROOT / "benchmarks"))
+
+import training_report  # noqa: E402
+
+LOG = """iteration,epoch,wall_s,images_seen,val_dice,val_ssim,val_psnr,validation
+100,1,60.0,800,0.30,0.50,15.0,set a
+200,2,130.0,1600,0.40,0.60,16.0,set a
+300,3,200.0,2400,0.35,0.65,17.0,set a
+"""
+
+
+def test_report_writes_the_budget_and_the_curve(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text(LOG)
+    output, figure = tmp_path / "training.json", tmp_path / "curve.png"
+    summary = training_report.main(["--log", str(log), "--output", str(output), "--figure", str(figure)])
+    assert summary["steps"] == 300 and summary["images_seen"] == 2400 and summary["epochs"] == 3
+    assert summary["wall_hours"] == pytest.approx(200 / 3600, abs=0.01)
+    assert summary["best_val_dice"] == {"steps": 200, "value": 0.40}
+    assert json.loads(output.read_text())["last"]["val_ssim"] == pytest.approx(0.65)
+    assert figure.stat().st_size > 10_000, "a rendered figure, not an empty file"
+    assert "0.400" in capsys.readouterr().out
+
+
+def test_report_says_one_line_when_the_log_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match="training log not found"):
+        training_report.main(["--log", str(tmp_path / "absent.csv")])
