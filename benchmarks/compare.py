@@ -45,6 +45,8 @@ import numpy as np
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
+from scripts.io import write_text_atomic  # noqa: E402
+
 METHOD_LABELS = {
     "identity": "Identity (source)",
     "sdedit": "SDEdit",
@@ -661,20 +663,13 @@ def figure(result: dict, run_dir: Path, dataset: Path, path: Path, rows: int = 3
     print(f"wrote {path}")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def update_docs(result: dict, readme: Path) -> None:
     text = readme.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    write_atomic(readme, f"{head}{START}\n{markdown(result)}\n{END}{tail}")
+    write_text_atomic(readme, f"{head}{START}\n{markdown(result)}\n{END}{tail}")
     print(f"updated {readme}")
 
 
@@ -784,8 +779,8 @@ def main(argv: list[str] | None = None) -> dict:
                 commands += extra
         table = markdown(result)
         print(table)
-        write_atomic(args.output.with_suffix(".json"), json.dumps(result, indent=2))
-        write_atomic(args.output.with_suffix(".md"), "# Translation to T1w: comparison\n\n" + table + "\n")
+        write_text_atomic(args.output.with_suffix(".json"), json.dumps(result, indent=2))
+        write_text_atomic(args.output.with_suffix(".md"), "# Translation to T1w: comparison\n\n" + table + "\n")
         print(f"wrote {args.output.with_suffix('.md')} and .json")
         if args.figure:
             figure(result, run_dir, args.dataset, args.figure, real_dir=real_dir)

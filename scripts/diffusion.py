@@ -82,8 +82,8 @@ class LMIConditioner(torch.nn.Module):
 
     Channels, in order: ``LMI(ref, x_t)`` (`use_dynamic_lmi`), ``LMI(ref, ref)`` (`use_self_lmi`), the head mask
     (`use_head_mask`) and the reference itself (`use_reference`). The paper's recipe uses the first three; the default
-    translator, trained on contrast-randomised references, sees the reference and the head mask and is steered by
-    LMI guidance at sampling time (``scripts.inferers.LMIGuidedInferer``).
+    translator, trained on contrast-randomised references, sees the reference and the head mask (LMI guidance at
+    sampling time stays available in ``scripts.inferers.LMIGuidedInferer``).
 
     Args:
         num_bins, patch_size, search_size, sigma: the LMI layer's parameters (docs/README.md, "The LMI layer").

@@ -33,6 +33,7 @@ __all__ = [
     "PruneCheckpoints",
     "SetLearningRate",
     "paired_training_slices",
+    "slice_sibling",
     "SourceLeakError",
     "TrainingLog",
     "WallClock",
@@ -189,6 +190,18 @@ class PruneCheckpoints:
             path.unlink(missing_ok=True)
 
 
+def slice_sibling(path: str | os.PathLike, kind: str) -> Path | None:
+    """The file the prepare workflow wrote beside `path` for another contrast or map of the same slice.
+
+    It names every file of a slice ``<stem>_<kind>.nii.gz`` (kinds ``PDw``, ``T1w``, ``T2w``, ``dseg``, ``mask``);
+    None when `path` does not follow that pattern.
+    """
+    name = str(path)
+    if not name.endswith(".nii.gz") or "_" not in Path(name).name:
+        return None
+    return Path(name.rsplit("_", 1)[0] + f"_{kind}.nii.gz")
+
+
 def paired_training_slices(datalist: str | os.PathLike, count: int, key: str = "source_training") -> list[dict]:
     """Validation entries from the training subjects' source slices: `count` of them, spread over the list.
 
@@ -205,12 +218,11 @@ def paired_training_slices(datalist: str | os.PathLike, count: int, key: str = "
     paired = []
     for entry in spread(entries, count):
         source = base / entry["image"]
-        stem, suffix = str(source).rsplit("_", 1)
-        if suffix != "PDw.nii.gz":
+        if not source.name.endswith("_PDw.nii.gz"):
             raise ValueError(f"{source}: not a source slice written by the prepare workflow (<stem>_PDw.nii.gz).")
         item = {"image": str(source)}
         for name, kind in (("target", "T1w"), ("label", "dseg"), ("mask", "mask")):
-            path = Path(f"{stem}_{kind}.nii.gz")
+            path = slice_sibling(source, kind)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: the {name} of validation slice {source} is missing.")
             item[name] = str(path)
@@ -230,9 +242,9 @@ def with_tissue_labels(entries: list[dict], key: str = "label") -> list[dict]:
         item = dict(entry)
         image = str(item.get("image", ""))
         if key not in item and image.endswith("_T1w.nii.gz"):
-            label = image[: -len("_T1w.nii.gz")] + "_dseg.nii.gz"
-            if Path(label).is_file():
-                item[key] = label
+            label = slice_sibling(image, "dseg")
+            if label.is_file():
+                item[key] = str(label)
         labelled.append(item)
     return labelled
 

@@ -4,9 +4,9 @@ training campaign's validation curve."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
+
+from scripts.io import write_bytes_atomic  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +43,12 @@ def _save_figure(fig: plt.Figure, path: str | os.PathLike, title: str = "") -> N
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(temp, dpi=110)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def save_rows(rows: list[dict[str, np.ndarray]], path: str | os.PathLike, title: str = "") -> None:
