@@ -4,7 +4,9 @@ Runs ``configs/evaluate.json`` once per method and block through the bundle runn
 same seed, then writes ``results/comparison.md`` and ``results/comparison.json`` (method columns, mean ± std rows,
 steps, seconds per slice, each learned method's training budget, the commands used), the figure
 ``docs/images/comparison.png`` (source | each method | target, with the K-means segmentations under them) and, with
-``--update-docs``, the Performance table of docs/README.md.
+``--update-docs``, the Performance table of docs/README.md and the Model Zoo ``eval_metrics`` of configs/metadata.json
+(the default method's Dice, PSNR and SSIM on the main test block; :func:`update_metadata` also fills them from an
+existing ``results/comparison.json``).
 
     python benchmarks/compare.py --update-docs                  # full: 40 labelmaps test slices, 20 steps
     python benchmarks/compare.py --quick                        # CI smoke: the 4 shipped demo slices, 2 steps
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -45,7 +48,7 @@ import numpy as np
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from scripts.io import write_text_atomic  # noqa: E402
+from scripts.io import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 METHOD_LABELS = {
     "identity": "Identity (source)",
@@ -57,6 +60,8 @@ METHOD_LABELS = {
     "lmi_projection": "LMIDiffusion + projection",
 }
 DEFAULT_METHODS = ["identity", "sdedit", "cyclegan", "stylegan", "lmi_paper", "lmi"]
+DEFAULT_METHOD = "lmi"  # configs/inference.json's `method`: the one metadata.json's eval_metrics describe
+METADATA = BUNDLE_ROOT / "configs" / "metadata.json"
 # Wang et al., PDw -> T1w on real IXI slices at 128 x 128 (their table; not comparable to our simulated data)
 PAPER = {
     "LMIDiffusion (paper)": {"dice": 0.88, "psnr": 20.22, "ssim": 0.69},
@@ -655,11 +660,10 @@ def figure(result: dict, run_dir: Path, dataset: Path, path: Path, rows: int = 3
         "-> T1w: simulated PDw test slices, then real BrainWeb and IXI: images and K-means CSF/GM/WM", fontsize=9
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.png")
-    fig.savefig(partial, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    os.replace(partial, path)
+    write_bytes_atomic(path, buffer.getvalue())
     print(f"wrote {path}")
 
 
@@ -673,14 +677,45 @@ def update_docs(result: dict, readme: Path) -> None:
     print(f"updated {readme}")
 
 
+def eval_metrics(result: dict, method: str = DEFAULT_METHOD) -> dict[str, float] | None:
+    """metadata.json's ``eval_metrics`` from a comparison `result` (``results/comparison.json``): `method`'s mean Dice
+    (CSF/GM/WM, vs the ground-truth labels), PSNR (dB) and SSIM on the main test block, rounded as in the docs table.
+
+    None when `method` is not among the result's methods (a run with ``--methods`` that left it out).
+    """
+    row = result.get("methods", {}).get(method)
+    if row is None:
+        return None
+    return {
+        "mean_dice": round(row["dice"]["mean"], 3),
+        "psnr": round(row["psnr"]["mean"], 2),
+        "ssim": round(row["ssim"]["mean"], 3),
+    }
+
+
+def update_metadata(result: dict, path: Path = METADATA, method: str = DEFAULT_METHOD) -> dict[str, float] | None:
+    """Write :func:`eval_metrics` of `result` into the metadata file `path` (the Model Zoo's JSON style: 4-space
+    indent, final newline, key order kept); leaves the file alone and returns None when `method` was not run."""
+    metrics = eval_metrics(result, method)
+    if metrics is None:
+        print(f"{portable(path)} not updated: the comparison did not run the default method '{method}'")
+        return None
+    metadata = json.loads(Path(path).read_text())
+    metadata["eval_metrics"] = metrics
+    write_text_atomic(path, json.dumps(metadata, indent=4, ensure_ascii=False) + "\n")
+    print(f"updated eval_metrics of {portable(path)}: {metrics}")
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=BUNDLE_ROOT / "data" / "labelmaps")
     parser.add_argument("--slices", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=20)
+    shipped = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())  # the shipped sampling settings
+    parser.add_argument("--steps", type=int, default=shipped["num_steps"])
     parser.add_argument("--stylegan-steps", type=int, default=200)
-    parser.add_argument("--sdedit-start", type=int, default=500)
+    parser.add_argument("--sdedit-start", type=int, default=shipped["sdedit_start"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--blocks", default="t2,physics2,brainweb", help="extra blocks to run ('' for none)")
@@ -697,7 +732,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="CI smoke run: the demo slices, few steps; the extra blocks with `lmi` only on 2 slices",
     )
-    parser.add_argument("--update-docs", action="store_true", help="write the table into docs/README.md")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="write the table into docs/README.md and the default method's scores into configs/metadata.json",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.dataset, args.slices, args.steps, args.stylegan_steps = BUNDLE_ROOT / "demo", 4, 2, 3
@@ -786,6 +825,7 @@ def main(argv: list[str] | None = None) -> dict:
             figure(result, run_dir, args.dataset, args.figure, real_dir=real_dir)
     if args.update_docs:
         update_docs(result, BUNDLE_ROOT / "docs" / "README.md")
+        update_metadata(result)
     return result
 
 

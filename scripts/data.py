@@ -33,10 +33,12 @@ base_dir=dataset_dir)``). ``slice`` is the index along the source volume's own a
 an axial plane of the source volume resampled in-plane to ``spatial_size`` pixels of ``fov_mm / max(size)`` mm
 centred on the brain; its 4x4 affine maps pixel (i, j, 0) to the world (RAS mm) position of that point in the
 source volume; array axis 0 runs from the subject's left to right (R), axis 1 from posterior to anterior (A).
-The dataset is written to a temporary sibling folder and renamed onto ``dataset_dir`` at the end, so a failed
-run leaves nothing behind. Bad input raises ``DataPreparationError`` (a ``ValueError``; ``InputNotFoundError``
-is also a ``FileNotFoundError``) with one line naming the file or argument; the config entry point
-``prepare_dataset`` turns it into that one line on stderr and exit status 1.
+The dataset is written to a staging folder next to ``dataset_dir`` and renamed onto it at the end, so a failed or
+terminated (SIGTERM) run leaves nothing behind; an existing ``dataset_dir`` (or ``make_demo``'s ``output_dir``) is
+only replaced when it is empty or holds nothing but what this bundle wrote there (``scripts.publishing``). Bad input
+raises ``DataPreparationError`` (a ``ValueError``; ``InputNotFoundError`` is also a ``FileNotFoundError``) with
+one line naming the file or argument; the config entry points ``prepare_dataset`` and ``make_demo`` turn it into
+that one line on stderr and exit status 1.
 
 The example figure ``docs/images/simulated_examples.png`` is made by ``save_examples_figure`` (called by
 ``benchmarks/bench_prepare.py --figure``).
@@ -45,12 +47,12 @@ The example figure ``docs/images/simulated_examples.png`` is made by ``save_exam
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
 import re
 import shutil
-import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from scripts.publishing import check_replaceable, sigterm_exits, write_staged
+from scripts.registration import RegistrationError, register_rigid_affine
 from scripts.simulation import CONTRASTS, MRSimulator, eval_smooth
 
 logger = logging.getLogger(__name__)
@@ -79,10 +83,15 @@ __all__ = [
     "save_examples_figure",
     "simulate_volume",
     "prepare_dataset",
+    "make_demo",
+    "make_demo_input",
+    "IXI_QUALITY",
 ]
 
 CLASS_NAMES = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}
 SOURCES = ("mni", "labelmaps", "ixi")
+# registration-quality limits of the ixi source (see IXISource)
+IXI_QUALITY = {"max_metric": -0.2, "min_head_dice": 0.85, "max_mirror_gain": 0.05}
 
 
 class DataPreparationError(ValueError):
@@ -188,6 +197,28 @@ def load_volume(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarra
     if data.ndim != 3 or min(data.shape) < 2:
         raise DataPreparationError(f"{what} {path}: expected a 3D volume, got an array of shape {shape}")
     return data, img.affine.astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# folders this bundle writes (marked, staged, published by renaming: scripts.publishing)
+
+DEMO_KEYS = ("image", "target", "label", "mask")
+
+
+def _refusal(what: str, folder: Path):
+    """The one-line error for a `what` folder (dataset_dir, output_dir) that must not be replaced."""
+    fix = f"nothing was changed (give a new or empty {what}, or move that content elsewhere first)"
+    return lambda problem: DataPreparationError(f"{what} {folder}: {problem}; {fix}")
+
+
+def _one_line(what: str, function, *args, **kwargs):
+    """Call `function` with SIGTERM as ``SystemExit``; a ``DataPreparationError`` becomes one line, exit status 1."""
+    with sigterm_exits(f"{what} stopped by SIGTERM; its temporary folder was removed, earlier results are unchanged"):
+        try:
+            return function(*args, **kwargs)
+        except DataPreparationError as exc:
+            logger.error("%s", exc)
+            raise SystemExit(f"{what} failed: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -805,6 +836,11 @@ class IXISource(_Source):
     (there is no brain segmentation) and the ``mask`` written is a head mask computed from PD; no ``label`` is
     written. Test subjects are ``testing`` (subject ids like ``IXI002``) or else the last ``test_fraction``
     of the sorted ids.
+
+    A subject whose registration looks wrong is refused (``DataPreparationError`` naming it), by the ``quality``
+    limits (``IXI_QUALITY``): the final Mattes metric (``max_metric``), the Dice overlap of the head masks of PD
+    and registered T1 (``min_head_dice``), and how much better a mirrored T1 fits (``max_mirror_gain``: a wrong
+    orientation header); ``None`` switches a check off.
     """
 
     name = "ixi"
@@ -819,7 +855,24 @@ class IXISource(_Source):
         testing: Sequence[str] | None = None,
         test_fraction: float = 0.25,
         registration: Mapping | None = None,
+        quality: Mapping | None = None,
     ):
+        self.registration = dict(registration or {})
+        allowed = set(inspect.signature(register_rigid_affine).parameters) - {
+            "fixed_path",
+            "moving_path",
+            "mirror_check",
+        }
+        unknown = sorted(set(self.registration) - allowed)
+        if unknown:
+            raise DataPreparationError(
+                f"ixi registration: unknown option '{unknown[0]}' (known: {', '.join(sorted(allowed))})"
+            )
+        self.quality = dict(IXI_QUALITY)
+        for key, value in dict(quality or {}).items():
+            if key not in IXI_QUALITY:
+                raise DataPreparationError(f"ixi quality: unknown option '{key}' (known: {', '.join(IXI_QUALITY)})")
+            self.quality[key] = None if value is None else float(value)
         self.dirs = {"PD": _check_dir(pd_dir, "IXI PD directory"), "T1": _check_dir(t1_dir, "IXI T1 directory")}
         if t2_dir:
             self.dirs["T2"] = _check_dir(t2_dir, "IXI T2 directory")
@@ -842,7 +895,6 @@ class IXISource(_Source):
             n_test = max(1, int(round(len(ids) * float(test_fraction)))) if len(ids) > 1 else 0
             test = ids[len(ids) - n_test :]
         self.split = {"training": [s for s in ids if s not in test], "testing": test}
-        self.registration = dict(registration or {})
 
     def _scan(self, directory: Path, modality: str) -> dict[str, Path]:
         out = {}
@@ -865,23 +917,31 @@ class IXISource(_Source):
         return dict(self.split)
 
     def prepare(self, subject: str, preparer: DatasetPreparer) -> SubjectSlices:
-        from scripts.registration import register_rigid_affine
-
         pd_path, t1_path = self.files["PD"][subject], self.files["T1"][subject]
         pd, pd_aff = load_volume(pd_path, "IXI PD volume")
-        load_volume(t1_path, "IXI T1 volume")  # validate before the (slow) registration
-        t1_on_pd, _ = register_rigid_affine(pd_path, t1_path, **self.registration)
+        _check_image(pd, pd_path, "IXI PD volume")
+        _check_image(load_volume(t1_path, "IXI T1 volume")[0], t1_path, "IXI T1 volume")  # before the slow part
+        pd_canon = to_canonical(pd.astype(np.float32), pd_aff)
+        head = head_mask(pd_canon.data)
+        if not head.any():
+            raise DataPreparationError(f"IXI PD volume {pd_path}: no head found (empty image)")
+        mirror = self.quality["max_mirror_gain"] is not None
+        try:
+            t1_on_pd, reg = register_rigid_affine(pd_path, t1_path, mirror_check=mirror, **self.registration)
+        except RegistrationError as exc:
+            raise DataPreparationError(
+                f"IXI subject {subject}: ITK could not register T1 {t1_path} to PD {pd_path} ({exc}); check that "
+                "both are 3D head volumes, or move that T1 out of the T1 directory to leave the subject out"
+            ) from None
         vols = {"PDw": pd.astype(np.float32), "T1w": t1_on_pd.astype(np.float32)}
         if "T2" in self.files:
             t2, t2_aff = load_volume(self.files["T2"][subject], "IXI T2 volume")
             if t2.shape != pd.shape or not np.allclose(t2_aff, pd_aff, atol=1e-3):
                 raise DataPreparationError(f"IXI T2 volume {self.files['T2'][subject]}: not on its PD volume's grid")
             vols["T2w"] = t2.astype(np.float32)
-        canon = {k: to_canonical(v, pd_aff) for k, v in vols.items()}
+        canon = {k: pd_canon if k == "PDw" else to_canonical(v, pd_aff) for k, v in vols.items()}
         aff = canon["PDw"].affine
-        head = head_mask(canon["PDw"].data)
-        if not head.any():
-            raise DataPreparationError(f"IXI PD volume {pd_path}: no head found (empty image)")
+        self._check_registration(subject, pd_path, t1_path, reg, head, canon["T1w"].data)
         ks, center = plan_slices(head, aff, preparer)
         grid = preparer.grid
         icoords, jcoords = grid.axes(aff, center)
@@ -895,6 +955,55 @@ class IXISource(_Source):
             images=images,
             mask=mask.astype(np.uint8),
             label=None,
+        )
+
+    def _check_registration(self, subject, pd_path, t1_path, reg, head: np.ndarray, t1: np.ndarray) -> None:
+        """Refuse a subject whose registered T1 is not aligned with its PD (limits ``self.quality``)."""
+        q = self.quality
+        t1_head = head_mask(t1)
+        dice = 2.0 * np.logical_and(head, t1_head).sum() / max(1, int(head.sum()) + int(t1_head.sum()))
+        gains = reg.mirror_gain
+        logger.info(
+            "%s: registration metric %.3f, head-mask Dice %.3f, mirror gains %s",
+            subject,
+            reg.affine_metric,
+            dice,
+            ", ".join(f"{v:+.3f}" for v in gains.values()) or "not checked",
+        )
+        bad = []
+        if q["max_metric"] is not None and not reg.affine_metric <= q["max_metric"]:
+            bad.append(f"final Mattes metric {reg.affine_metric:.3f}, limit {q['max_metric']:g}")
+        if q["min_head_dice"] is not None and not dice >= q["min_head_dice"]:
+            bad.append(f"head-mask Dice {dice:.3f}, limit {q['min_head_dice']:g}")
+        if bad:
+            raise DataPreparationError(
+                f"IXI subject {subject}: T1 {t1_path} is not aligned with PD {pd_path} after registration "
+                f"({'; '.join(bad)}); check that both are this subject's head volumes, or move that T1 out of the "
+                "T1 directory to leave the subject out"
+            )
+        if q["max_mirror_gain"] is not None and gains:
+            axis, gain = max(gains.items(), key=lambda item: item[1])
+            if gain > q["max_mirror_gain"]:
+                raise DataPreparationError(
+                    f"IXI subject {subject}: T1 {t1_path} fits PD {pd_path} better mirrored along its voxel axis "
+                    f"{axis} (metric gain {gain:.3f}, limit {q['max_mirror_gain']:g}): its orientation header is "
+                    "probably wrong; fix that file's affine, or move it out of the T1 directory to leave the subject "
+                    "out"
+                )
+
+
+def _check_image(volume: np.ndarray, path: Path, what: str) -> None:
+    """One line for an image with nothing to register: non-finite values, or the same value everywhere."""
+    if not np.all(np.isfinite(volume)):
+        raise DataPreparationError(
+            f"{what} {path}: has NaN or infinite values; replace it, or move it out of its folder to leave the "
+            "subject out"
+        )
+    lo, hi = float(np.min(volume)), float(np.max(volume))
+    if lo == hi:
+        raise DataPreparationError(
+            f"{what} {path}: every voxel is {hi:g} (an empty image, nothing to register); replace it, or move it "
+            "out of its folder to leave the subject out"
         )
 
 
@@ -1057,34 +1166,30 @@ class DatasetPreparer:
         return subject_rng(self.seed, subject)
 
     def run(self) -> Path:
-        """Write the dataset atomically; returns ``dataset_dir``."""
+        """Write the dataset atomically; returns ``dataset_dir``.
+
+        An existing ``dataset_dir`` is only replaced when it is empty or holds nothing but a dataset this bundle
+        wrote (and then only with ``overwrite``); anything else is refused and left unchanged.
+        """
         self.check()
         out = self.dataset_dir
-        if out.exists() and not self.overwrite:
+        check_replaceable(out, "dataset", _refusal("dataset_dir", out))
+        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
             raise DataPreparationError(f"dataset_dir {out}: already exists (set overwrite to true to replace it)")
         source = self.source  # checks the inputs before anything is written
         split = source.subjects()
         both = set(split["training"]) & set(split["testing"])
         if both:
             raise DataPreparationError(f"{self.source_name}: subjects {sorted(both)} are in both splits")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            datalist = self._write(tmp, source, split)
-            with open(tmp / "datalist.json", "w") as f:
-                json.dump(datalist, f, indent=2)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        n = {k: len(datalist[k]) for k in ("training", "source_training", "testing")}
+        result = {}
+
+        def write(staging: Path) -> None:
+            result["datalist"] = self._write(staging, source, split)
+            with open(staging / "datalist.json", "w") as f:
+                json.dump(result["datalist"], f, indent=2)
+
+        write_staged(out, "dataset", write, _refusal("dataset_dir", out))
+        n = {k: len(result["datalist"][k]) for k in ("training", "source_training", "testing")}
         logger.info("wrote %s: %s", out, ", ".join(f"{v} {k}" for k, v in n.items()))
         return out
 
@@ -1152,14 +1257,11 @@ def prepare_dataset(preparer: DatasetPreparer) -> Path:
     """Entry point of ``configs/prepare.json``: ``preparer.run()``, with bad input reported as one line.
 
     A ``DataPreparationError`` is logged and turned into ``SystemExit`` with its message (exit status 1, no
-    traceback: the message names the file or argument and the problem); other errors propagate unchanged.
-    Call ``DatasetPreparer.run`` directly to get the exception instead.
+    traceback: the message names the file or argument and the problem); other errors propagate unchanged. SIGTERM
+    also ends in ``SystemExit`` after the staging folder is removed. Call ``DatasetPreparer.run`` directly to get
+    the exception instead.
     """
-    try:
-        return preparer.run()
-    except DataPreparationError as exc:
-        logger.error("%s", exc)
-        raise SystemExit(f"data preparation failed: {exc}") from None
+    return _one_line("data preparation", preparer.run)
 
 
 def save_slice(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
@@ -1244,17 +1346,28 @@ def make_demo_input(datalist: str | os.PathLike, output_dir: str | os.PathLike, 
     quick evaluation only, the target, the tissue labels and the brain mask.
 
     This is how the shipped demo input (``demo/``) was made from the offline ``mni`` source; the translation never
-    reads the target.
+    reads the target. The folder is written next to `output_dir` and renamed onto it; an existing `output_dir` is
+    only replaced when it is empty or holds nothing but a demo input this function wrote (else
+    ``DataPreparationError``, nothing changed).
     """
-    import json
-    import shutil
-
     datalist = Path(datalist)
     if not datalist.is_file():
-        raise InputNotFoundError(f"datalist not found: {datalist}")
-    testing = json.loads(datalist.read_text()).get("testing") or []
-    if len(testing) < count:
-        raise DataPreparationError(f"{datalist}: {len(testing)} testing entries, fewer than the {count} asked for")
+        raise InputNotFoundError(f"datalist {datalist}: file does not exist")
+    try:
+        content = json.loads(datalist.read_text())
+    except (OSError, ValueError):
+        content = None
+    testing = content.get("testing") if isinstance(content, dict) else None
+    if not isinstance(testing, list):
+        raise DataPreparationError(f"datalist {datalist}: not a JSON datalist with a 'testing' list")
+    count = int(count)
+    if count < 1 or len(testing) < count:
+        raise DataPreparationError(f"datalist {datalist}: {len(testing)} testing entries, {count} asked for")
+    for i, entry in enumerate(testing):
+        if not isinstance(entry, dict) or not {"image", "subject", "slice"} <= set(entry):
+            raise DataPreparationError(f"datalist {datalist}: testing entry {i} lacks 'image', 'subject' or 'slice'")
+    output = Path(output_dir)
+    check_replaceable(output, "demo", _refusal("output_dir", output))
     by_subject: dict[str, list[dict]] = {}
     for entry in testing:
         by_subject.setdefault(entry["subject"], []).append(entry)
@@ -1265,23 +1378,30 @@ def make_demo_input(datalist: str | os.PathLike, output_dir: str | os.PathLike, 
         for entries in by_subject.values()
         for f in fractions
     ][:count]
-    output = Path(output_dir)
-    staging = output.with_name(output.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    entries = []
     for entry in picked:
-        names = {}
-        for key in ("image", "target", "label", "mask"):
-            if key not in entry:
-                continue
-            source = datalist.parent / entry[key]
-            shutil.copyfile(source, staging / source.name)
-            names[key] = source.name
-        entries.append({**names, "subject": entry["subject"], "slice": entry["slice"]})
-    content = {"name": "demo input (PDw slices simulated from the MNI152 2009a template)", "testing": entries}
-    (staging / "datalist.json").write_text(json.dumps(content, indent=2))
-    shutil.rmtree(output, ignore_errors=True)
-    staging.rename(output)
+        for key in DEMO_KEYS:
+            if key in entry and not (datalist.parent / entry[key]).is_file():
+                raise InputNotFoundError(f"datalist {datalist}: {key} {datalist.parent / entry[key]} does not exist")
+    entries = []
+
+    def write(staging: Path) -> None:
+        for entry in picked:
+            names = {}
+            for key in DEMO_KEYS:
+                if key in entry:
+                    source = datalist.parent / entry[key]
+                    shutil.copyfile(source, staging / source.name)
+                    names[key] = source.name
+            entries.append({**names, "subject": entry["subject"], "slice": entry["slice"]})
+        demo = {"name": "demo input (PDw slices simulated from the MNI152 2009a template)", "testing": entries}
+        (staging / "datalist.json").write_text(json.dumps(demo, indent=2))
+
+    write_staged(output, "demo", write, _refusal("output_dir", output))
     logger.info(f"wrote {len(entries)} demo slices to {output}")
     return output
+
+
+def make_demo(datalist: str | os.PathLike, output_dir: str | os.PathLike, count: int = 4) -> Path:
+    """Entry point of ``configs/make_demo.json``: ``make_demo_input`` with bad input reported as one line (exit
+    status 1) and SIGTERM as ``SystemExit`` after clean-up."""
+    return _one_line("making the demo input", make_demo_input, datalist, output_dir, count)

@@ -4,8 +4,8 @@ MONAI metrics (SSIM, PSNR, Dice) saved by ``MetricsSaver``.
 
 This module holds what MONAI does not have: the up-front check of an evaluation datalist (so a bad entry fails with
 one line naming it before anything is written), the identity "method" (the untranslated source: the floor every
-method must beat), a timer that turns inference time into a per-slice metric, and the handler that publishes the
-output folder only when the run has completed (nothing half-written is ever left under the final name).
+method must beat) and a timer that turns inference time into a per-slice metric. The output folder is published
+by ``scripts.io.PublishOutputs`` only when the run has completed (nothing half-written under the final name).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IdentityInferer",
-    "PublishOutputs",
     "TimedInferer",
     "load_evaluation_datalist",
     "select_method",
@@ -49,6 +47,20 @@ def _read(path: Path, entry_name: str, key: str) -> nib.Nifti1Image:
         return nib.load(str(path))
     except Exception as error:  # nibabel raises several types for unreadable files
         raise InputError(f"{entry_name}: '{key}' file {path} is not a readable NIfTI image ({error})") from None
+
+
+def _check_content(item: dict, keys: list[str], source_key: str, name: str) -> None:
+    """Refuse images that would crash the run or be scored silently into the means: a non-finite or blank source
+    or target, a blank mask."""
+    for key in keys:
+        if key == "label":
+            continue
+        data = np.asarray(nib.load(item[key]).dataobj, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise InputError(f"{name}: '{key}' file {item[key]} contains NaN or Inf values.")
+        if not np.any(data):
+            what = "mask is empty (no head)" if key == "mask" else "image is all zero"
+            raise InputError(f"{name}: '{key}' file {item[key]}: {what}; remove the entry or fix the file.")
 
 
 def load_evaluation_datalist(
@@ -107,6 +119,7 @@ def load_evaluation_datalist(
             item[key] = str(file)
         if len(set(shapes.values())) > 1:
             raise InputError(f"{name}: {', '.join(keys)} shapes differ: {shapes}.")
+        _check_content(item, keys, source_key, name)
         if "label" in keys:
             labels = np.unique(np.asarray(nib.load(item["label"]).dataobj))
             bad = [v for v in labels.tolist() if v not in range(NUM_TISSUE_LABELS + 1)]
@@ -175,36 +188,3 @@ class TimedInferer(Inferer):
             engine.state.metric_details = {}
         engine.state.metric_details["seconds"] = values
         engine.state.metrics["seconds_per_slice"] = float(values.mean())
-
-
-class PublishOutputs:
-    """Ignite handler: the run writes into `work_dir`; on completion it replaces `output_dir` with it.
-
-    A run that fails (bad input, interruption) leaves `output_dir` as it was, and removes its partial `work_dir`.
-    """
-
-    def __init__(self, work_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
-        self.work_dir = Path(work_dir)
-        self.output_dir = Path(output_dir)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.COMPLETED, self._completed)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
-
-    def _started(self, engine: Engine) -> None:
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        self.work_dir.mkdir(parents=True)
-
-    def _completed(self, engine: Engine) -> None:
-        previous = self.output_dir.with_name(self.output_dir.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        if self.output_dir.exists():
-            self.output_dir.rename(previous)
-        self.work_dir.rename(self.output_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-        logger.info(f"evaluation results in {self.output_dir}")
-
-    def _failed(self, engine: Engine, error: Exception) -> None:
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        raise error

@@ -36,11 +36,18 @@ from scripts.diffusion import (
     x0_from_model_output,
 )
 from scripts.projection import LocalConditionalMean
-from scripts.transforms import head_mask
+from scripts.transforms import head_mask, in_plane_spacing, square_field_of_view
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LMIGuidedInferer", "SDEditInferer", "SliceWiseInferer", "select_inferer", "validate_source"]
+__all__ = [
+    "LMIGuidedInferer",
+    "SDEditInferer",
+    "SliceWiseInferer",
+    "check_sampling_settings",
+    "select_inferer",
+    "validate_source",
+]
 
 
 def plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -282,7 +289,8 @@ class SDEditInferer(LMIGuidedInferer):
 class SliceWiseInferer(Inferer):
     """Run a 2D translator on inputs of any in-plane size, 2D slices or 3D volumes.
 
-    A (B, 1, H, W) batch is resized to `image_size`, translated and resized back; a (B, 1, X, Y, Z) volume is cut
+    A (B, 1, H, W) batch is padded to a square field of view (:func:`scripts.transforms.square_field_of_view`),
+    resized to `image_size`, translated, resized back and cropped; a (B, 1, X, Y, Z) volume is cut
     along `slice_axis` into 2D slices, translated `batch_size` slices at a time (all-zero slices stay zero) and stacked
     back into one volume, so the output has the input's shape and meta data (affine included).
     """
@@ -302,22 +310,33 @@ class SliceWiseInferer(Inferer):
         self.batch_size = batch_size
         self.progress = progress
 
-    def _translate_slices(self, slices: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+    def _translate_slices(
+        self, slices: torch.Tensor, network: torch.nn.Module, spacing: tuple[float, float] = (1.0, 1.0)
+    ) -> torch.Tensor:
         size = tuple(slices.shape[2:])
-        resized = F.interpolate(slices, size=self.image_size, mode="area") if size != self.image_size else slices
+        square = square_field_of_view(size, spacing)  # keeps the aspect ratio of a non-square slice
+        before = [(p - n) // 2 for p, n in zip(square, size, strict=True)]
+        if square != size:
+            slices = F.pad(
+                slices, (before[1], square[1] - size[1] - before[1], before[0], square[0] - size[0] - before[0])
+            )
+        resized = F.interpolate(slices, size=self.image_size, mode="area") if square != self.image_size else slices
         translated = torch.as_tensor(self.translator.translate(resized, network))
-        if size != self.image_size:
-            translated = F.interpolate(translated, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
-        return translated
+        if square != self.image_size:
+            translated = F.interpolate(translated, size=square, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+        return translated[..., before[0] : before[0] + size[0], before[1] : before[1] + size[1]]
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         if inputs.ndim == 4:
             validate_source(inputs)
-            return convert_to_dst_type(self._translate_slices(torch.as_tensor(inputs).float(), network), inputs)[0]
+            spacing = in_plane_spacing(inputs, (0, 1))
+            translated = self._translate_slices(torch.as_tensor(inputs).float(), network, spacing)
+            return convert_to_dst_type(translated, inputs)[0]
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) slices or (B, 1, X, Y, Z) volumes, got {tuple(inputs.shape)}.")
         axis = self.slice_axis % 3 + 2
+        spacing = in_plane_spacing(inputs, tuple(a for a in range(3) if a != axis - 2))
         volumes = torch.as_tensor(inputs).float()
         output = torch.zeros_like(volumes)
         for b in range(volumes.shape[0]):
@@ -328,9 +347,21 @@ class SliceWiseInferer(Inferer):
             result = torch.zeros_like(slices)
             chunks = list(keep.split(self.batch_size))
             for chunk in tqdm(chunks, desc="slices", disable=not self.progress, leave=False):
-                result[chunk] = self._translate_slices(slices[chunk], network)
+                result[chunk] = self._translate_slices(slices[chunk], network, spacing)
             output[b] = result.movedim(0, axis - 1)
         return convert_to_dst_type(output, inputs)[0]
+
+
+def check_sampling_settings(
+    method: str, methods: Sequence[str], num_steps: int, sdedit_start: int, num_train_timesteps: int
+) -> None:
+    """The command-line sampling settings, checked before any network is built, each with one clear error."""
+    if method not in methods:
+        raise ValueError(f"unknown method '{method}'; choose one of {sorted(methods)}")
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be a whole number in 1-{num_train_timesteps}, got {num_steps!r}")
+    if not isinstance(sdedit_start, int) or not 0 < sdedit_start < num_train_timesteps:
+        raise ValueError(f"sdedit_start must be a timestep in 1-{num_train_timesteps - 1}, got {sdedit_start!r}")
 
 
 def select_inferer(method: str, inferers: dict) -> Inferer:

@@ -23,6 +23,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from sklearn.cluster import KMeans
 
+from scripts.io import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["KMeansTissueSegmenter", "TissueSegmentd", "fit_from_datalist", "fit_segmenter"]
@@ -62,11 +64,7 @@ class KMeansTissueSegmenter:
             "versions": {"scikit-learn": version("scikit-learn"), "numpy": version("numpy")},
             **({"fitted_on": self.metadata} if self.metadata else {}),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(content, indent=2))
-        os.replace(partial, path)
+        write_text_atomic(path, json.dumps(content, indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> KMeansTissueSegmenter:

@@ -13,12 +13,20 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapTransform, SpatialPad, Transform
 from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HeadMask", "HeadMaskd", "RobustScaled", "head_mask", "robust_scale"]
+__all__ = [
+    "HeadMask",
+    "HeadMaskd",
+    "PadToSquareFieldOfViewd",
+    "RobustScaled",
+    "head_mask",
+    "robust_scale",
+    "square_field_of_view",
+]
 
 
 def robust_scale(image: np.ndarray | torch.Tensor, percentile: float = 99.5) -> np.ndarray | torch.Tensor:
@@ -113,4 +121,47 @@ class RobustScaled(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = robust_scale(torch.as_tensor(d[key]).float(), self.percentile)
+        return d
+
+
+def square_field_of_view(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[int, ...]:
+    """The in-plane grid that pads `shape` (pixels of `spacing` mm) to a physically square field of view.
+
+    Resizing that grid to the model's square one keeps the head's aspect ratio, where resizing a 217 x 181 slice
+    directly would squash it. Square isotropic slices come back unchanged.
+    """
+    side = max(n * float(s) for n, s in zip(shape, spacing, strict=True))
+    return tuple(max(n, int(round(side / float(s)))) for n, s in zip(shape, spacing, strict=True))
+
+
+def in_plane_spacing(image: torch.Tensor, axes: tuple[int, int] = (0, 1)) -> tuple[float, float]:
+    """Pixel spacing (mm) of two spatial `axes` of a MetaTensor, from its affine; 1 mm without meta data."""
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        return (1.0, 1.0)
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    affine = affine[0] if affine.ndim == 3 else affine
+    norms = torch.linalg.norm(affine[:-1, :-1], dim=0)
+    return tuple(float(norms[a]) if a < norms.numel() and norms[a] > 0 else 1.0 for a in axes)
+
+
+class PadToSquareFieldOfViewd(MapTransform):
+    """Pad the 2D images of `keys` (channel-first) with zeros to the square field of view of the first key's
+    geometry (:func:`square_field_of_view`), so that a following resize keeps the anatomy's aspect ratio."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        first = d[keys[0]]
+        shape = tuple(first.shape[1:3])
+        target = square_field_of_view(shape, in_plane_spacing(first))
+        if target != shape:
+            pad = SpatialPad(spatial_size=list(target) + [-1] * (first.ndim - 3), method="symmetric")
+            for key in keys:
+                d[key] = pad(d[key])
         return d

@@ -1,15 +1,22 @@
-"""Shared test fixtures: where ``../shared/data`` is (skip cleanly when it is absent) and small helpers."""
+"""Fixtures shared by the test modules: where ``../shared/data`` is (skip cleanly when it is absent), synthetic label
+maps, and the tiny dataset and tiny trained translator of the workflow tests. Plain helpers (``bundle_run``, the tiny
+settings, ...) are in helpers.py; test modules import those, never another test module."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import BUNDLE_ROOT, bundle_run, save_slice, train_overrides
+from phantoms import phantom
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(__file__).parents[1].parent / "shared"
+SHARED_DIR = BUNDLE_ROOT.parent / "shared"
+# benchmarks/ (compare.py, training_report.py) is importable by the tests, as the bundle runs it: as scripts
+sys.path.insert(0, str(BUNDLE_ROOT / "benchmarks"))
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +61,43 @@ def make_label_map(path: Path, shape=(40, 44, 40), affine=LIA_AFFINE, extra_labe
 def label_map_factory():
     """``make_label_map(path, shape=..., affine=..., extra_label=None)``: write a synthetic label map."""
     return make_label_map
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Six target-only training slices and two paired test slices, in the prepare workflow's datalist layout."""
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    datalist = {"training": [], "source_training": [], "testing": []}
+    for i in range(6):
+        t1 = phantom(32, seed=i)[0, 0].numpy()
+        labels = np.digitize(t1, [0.05, 0.3, 0.7]).astype(np.float32)
+        datalist["training"].append({"image": save_slice(t1 * 800, root / f"train_{i}_T1w.nii.gz"), "subject": "s1"})
+        # the training subjects' source slices with their siblings, as the prepare workflow writes them (validation)
+        pd = save_slice(np.where(t1 > 0, 1.1 - t1, 0) * 900, root / f"train_{i}_PDw.nii.gz")
+        save_slice(labels, root / f"train_{i}_dseg.nii.gz")
+        save_slice((labels > 0).astype(np.float32), root / f"train_{i}_mask.nii.gz")
+        datalist["source_training"].append({"image": pd, "subject": "s1"})
+    for i in range(2):
+        t1 = phantom(32, seed=10 + i)[0, 0].numpy()
+        pd = np.where(t1 > 0, 1.1 - t1, 0)
+        labels = np.digitize(t1, [0.05, 0.3, 0.7]).astype(np.float32)
+        datalist["testing"].append(
+            {
+                "image": save_slice(pd * 900, root / f"test_{i}_pd.nii.gz"),
+                "target": save_slice(t1 * 800, root / f"test_{i}_t1.nii.gz"),
+                "label": save_slice(labels, root / f"test_{i}_label.nii.gz"),
+                "mask": save_slice((labels > 0).astype(np.float32), root / f"test_{i}_mask.nii.gz"),
+                "subject": "s2",
+            }
+        )
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dataset, tmp_path_factory) -> Path:
+    """The tiny translator (helpers.TINY) trained one epoch on `tiny_dataset` through configs/train.json, once per
+    session: the weights every inference test translates with."""
+    models = tmp_path_factory.mktemp("tiny_models")
+    bundle_run("configs/train.json", *train_overrides(tiny_dataset, models, epochs=1), "--val_interval", "100")
+    return models / "model.pt"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import BUNDLE_ROOT
 from monai.bundle import ConfigParser
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = BUNDLE_ROOT / "configs"
 
 REQUIRED_METADATA_KEYS = {

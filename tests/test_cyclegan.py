@@ -7,14 +7,13 @@ import json
 import logging
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import BUNDLE_ROOT, bundle_run, save_slice
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, MetaTensor
 from phantoms import phantom
-from test_workflows import BUNDLE_ROOT, bundle_run
 
 from scripts.cyclegan import (
     CycleGANInferer,
@@ -225,11 +224,6 @@ def test_inferer_bad_input_gives_a_clear_error(generator, inputs, message):
 
 
 # ------------------------------------------------------------------------------------------- bundle workflow
-def _save(array: np.ndarray, path: Path) -> str:
-    nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
-    return path.name
-
-
 @pytest.fixture(scope="module")
 def cyclegan_dataset(tmp_path_factory) -> Path:
     """Two training subjects (T1w targets, PDw sources) and one test subject, in the prepare workflow's layout."""
@@ -240,8 +234,8 @@ def cyclegan_dataset(tmp_path_factory) -> Path:
         subject = f"sub-0{i // 3 + 1}"
         t1 = phantom(32, seed=i)[0, 0].numpy()
         pd = np.where(t1 > 0, 1.1 - t1, 0)
-        datalist["training"].append({"image": _save(t1 * 800, root / f"t1_{i}.nii.gz"), "subject": subject})
-        datalist["source_training"].append({"image": _save(pd * 900, root / f"pd_{i}.nii.gz"), "subject": subject})
+        datalist["training"].append({"image": save_slice(t1 * 800, root / f"t1_{i}.nii.gz"), "subject": subject})
+        datalist["source_training"].append({"image": save_slice(pd * 900, root / f"pd_{i}.nii.gz"), "subject": subject})
     datalist["testing"].append({"image": datalist["source_training"][0]["image"], "subject": "sub-03"})
     (root / "datalist.json").write_text(json.dumps(datalist))
     return root
@@ -258,13 +252,14 @@ def _overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_path):
     models = tmp_path / "models"
     first = bundle_run("configs/train_cyclegan.json", *_overrides(cyclegan_dataset, models, epochs=1))
     log = first.stdout + first.stderr
     assert "no checkpoint in" in log and "source subset: 3 of 6" in log
     assert "g_loss" in log and "cycle_loss" in log, "the losses are logged"
-    checkpoint = models / "checkpoints_cyclegan" / "checkpoint_epoch=1.pt"
+    checkpoint = models / "checkpoints_cyclegan" / "checkpoint_epoch_1.pt"
     assert checkpoint.is_file() and (models / "cyclegan_generator.pt").is_file()
     assert list((models / "logs" / "tensorboard").glob("events.*")), "TensorBoard events are written"
     state = torch.load(checkpoint, weights_only=False)
@@ -278,7 +273,7 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
     second = bundle_run("configs/train_cyclegan.json", *_overrides(cyclegan_dataset, models, epochs=2))
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
-    resumed = models / "checkpoints_cyclegan" / "checkpoint_epoch=2.pt"
+    resumed = models / "checkpoints_cyclegan" / "checkpoint_epoch_2.pt"
     assert resumed.is_file() and not checkpoint.exists(), "only the newest checkpoint is kept"
     trainer_state = torch.load(resumed, weights_only=False)["trainer"]
     assert trainer_state["iteration"] == 2 * trainer_state["epoch_length"] == 6, "the second epoch continued the first"

@@ -5,30 +5,28 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import BUNDLE_ROOT, bundle_command, bundle_env, bundle_run, ended_pid, save_slice
 from ignite.engine import Engine
 from monai.metrics import PSNRMetric, SSIMMetric
 from phantoms import phantom
-from test_workflows import BUNDLE_ROOT, bundle_run
 
-sys.path.insert(0, str(BUNDLE_ROOT / "benchmarks"))
-
-from scripts.evaluation import PublishOutputs, TimedInferer  # noqa: E402
-from scripts.segmentation import KMeansTissueSegmenter  # noqa: E402
-from scripts.transforms import robust_scale  # noqa: E402
+from scripts.evaluation import TimedInferer
+from scripts.io import PublishOutputs
+from scripts.publishing import MARKER, new_staging_dir, write_marker
+from scripts.segmentation import KMeansTissueSegmenter
+from scripts.transforms import robust_scale
 
 SIZE = ["--image_size", "[32, 32]"]
-
-
-def _save(array: np.ndarray, path: Path) -> str:
-    nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
-    return path.name
 
 
 def _paired_dataset(root: Path, size: int, count: int) -> Path:
@@ -42,11 +40,11 @@ def _paired_dataset(root: Path, size: int, count: int) -> Path:
         labels[: max(3, size // 10)] = 0  # a border outside the brain
         testing.append(
             {
-                "image": _save(pd * 900, root / f"case{i}_PDw.nii.gz"),
-                "target": _save(t1 * 800, root / f"case{i}_T1w.nii.gz"),
-                "t2": _save(t2 * 1200, root / f"case{i}_T2w.nii.gz"),
-                "label": _save(labels, root / f"case{i}_dseg.nii.gz"),
-                "mask": _save(labels > 0, root / f"case{i}_mask.nii.gz"),
+                "image": save_slice(pd * 900, root / f"case{i}_PDw.nii.gz"),
+                "target": save_slice(t1 * 800, root / f"case{i}_T1w.nii.gz"),
+                "t2": save_slice(t2 * 1200, root / f"case{i}_T2w.nii.gz"),
+                "label": save_slice(labels, root / f"case{i}_dseg.nii.gz"),
+                "mask": save_slice(labels > 0, root / f"case{i}_mask.nii.gz"),
             }
         )
     (root / "datalist.json").write_text(json.dumps({"name": f"phantoms {size} x {size}", "testing": testing}))
@@ -88,11 +86,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+@pytest.mark.slow
 def test_identity_metrics_match_the_protocol_computed_by_hand(eval_dataset, tmp_path):
     evaluate(eval_dataset, tmp_path, "--method", "identity", "--save_outputs", "True")
     folder = tmp_path / "identity"
     metrics = read_metrics(folder)
-    assert not list(tmp_path.glob(".partial-*")), "the work folder is renamed on completion"
+    assert not list(tmp_path.glob(".*")), "the work folder is renamed on completion"
 
     segmenter = KMeansTissueSegmenter.load(BUNDLE_ROOT / "models" / "segmenter.json")
     entries = json.loads((eval_dataset / "datalist.json").read_text())["testing"]
@@ -123,6 +122,7 @@ def test_identity_metrics_match_the_protocol_computed_by_hand(eval_dataset, tmp_
     assert set(np.unique(segmentation)) <= {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_the_target_as_source_reproduces_the_oracle(eval_dataset, tmp_path):
     """Evaluating the real target as if it were a translation must give the oracle's Dice and agree with it."""
     datalist = json.loads((eval_dataset / "datalist.json").read_text())
@@ -137,6 +137,7 @@ def test_the_target_as_source_reproduces_the_oracle(eval_dataset, tmp_path):
     assert metrics["ssim"] == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_source_key_t2_translates_the_t2_slice_of_each_entry(eval_dataset, tmp_path):
     """`--source_key t2`: the evaluator reads the entry's T2w slice as the source (identity: its output is the T2w)."""
     evaluate(eval_dataset, tmp_path, "--method", "identity", "--source_key", "t2", "--save_outputs", "True")
@@ -168,7 +169,7 @@ def test_load_evaluation_datalist_validates_the_source_key(eval_dataset, tmp_pat
     with pytest.raises(InputError, match=r"entry 0 .*missing key\(s\) \['flair'\]"):
         load_evaluation_datalist(eval_dataset / "datalist.json", eval_dataset, source_key="flair")
     datalist = json.loads((eval_dataset / "datalist.json").read_text())
-    datalist["testing"][2]["t2"] = str(tmp_path / _save(np.ones((30, 32)), tmp_path / "small_T2w.nii.gz"))
+    datalist["testing"][2]["t2"] = str(tmp_path / save_slice(np.ones((30, 32)), tmp_path / "small_T2w.nii.gz"))
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     with pytest.raises(InputError, match="entry 2 .*shapes differ"):
         load_evaluation_datalist(tmp_path / "datalist.json", eval_dataset, source_key="t2")
@@ -178,6 +179,7 @@ def test_load_evaluation_datalist_validates_the_source_key(eval_dataset, tmp_pat
         load_evaluation_datalist(tmp_path / "datalist.json", eval_dataset, source_key="t2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lmi", "sdedit", "cyclegan", "stylegan"])
 def test_every_method_runs_inside_the_evaluator_with_the_shipped_weights(eval_dataset, tmp_path, method):
     steps = ["--num_steps", "2", "--stylegan_steps", "2", "--num_slices", "2"]
@@ -200,14 +202,23 @@ def _bad_datalist(dataset: Path, tmp_path: Path, case: str) -> Path:
     elif case == "label out of range":
         labels = load(dataset / entry["label"])
         labels[5, 5] = 7
-        entry["label"] = str(tmp_path / _save(labels, tmp_path / "bad_dseg.nii.gz"))
+        entry["label"] = str(tmp_path / save_slice(labels, tmp_path / "bad_dseg.nii.gz"))
     elif case == "shape mismatch":
-        entry["mask"] = str(tmp_path / _save(np.ones((30, 32)), tmp_path / "bad_mask.nii.gz"))
+        entry["mask"] = str(tmp_path / save_slice(np.ones((30, 32)), tmp_path / "bad_mask.nii.gz"))
+    elif case == "NaN source":
+        source = load(dataset / entry["image"])
+        source[3, 3] = np.nan
+        entry["image"] = str(tmp_path / save_slice(source, tmp_path / "nan_PDw.nii.gz"))
+    elif case == "blank target":
+        entry["target"] = str(tmp_path / save_slice(np.zeros((32, 32)), tmp_path / "blank_T1w.nii.gz"))
+    elif case == "empty mask":
+        entry["mask"] = str(tmp_path / save_slice(np.zeros((32, 32)), tmp_path / "empty_mask.nii.gz"))
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps(datalist))
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -215,21 +226,31 @@ def _bad_datalist(dataset: Path, tmp_path: Path, case: str) -> Path:
         ("missing file", "'target' file not found"),
         ("label out of range", "outside 0-3"),
         ("shape mismatch", "shapes differ"),
+        ("NaN source", "contains NaN or Inf"),
+        ("blank target", "'target' file"),
+        ("empty mask", "mask is empty"),
         ("unknown method", "unknown method 'pix2pix'"),
+        ("zero steps", "num_steps must be a whole number in 1-1000, got 0"),
+        ("start past the schedule", "sdedit_start must be a timestep in 1-999, got 5000"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_leaves_earlier_results_alone(eval_dataset, tmp_path, case, message):
     output = tmp_path / "out"
     (output / "identity").mkdir(parents=True)
     (output / "identity" / "metrics.csv").write_text("ssim,0.5\n")  # an earlier run's results
+    write_marker(output / "identity", "outputs", ["metrics.csv"])
     if case == "unknown method":
         extra = ["--method", "pix2pix"]
+    elif case == "zero steps":
+        extra = ["--method", "sdedit", "--num_steps", "0"]
+    elif case == "start past the schedule":
+        extra = ["--method", "sdedit", "--sdedit_start", "5000"]
     else:
         extra = ["--method", "identity", "--datalist", str(_bad_datalist(eval_dataset, tmp_path, case))]
     result = evaluate(eval_dataset, output, *extra, check=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
-    if case != "unknown method":
+    if case not in ("unknown method", "zero steps", "start past the schedule"):
         assert "entry 1" in result.stderr, "the error names the entry"
     assert "Traceback" not in result.stderr
     assert (output / "identity" / "metrics.csv").read_text() == "ssim,0.5\n"
@@ -237,19 +258,73 @@ def test_bad_input_gives_one_clear_line_and_leaves_earlier_results_alone(eval_da
 
 
 def test_publish_outputs_keeps_the_previous_results_when_a_run_fails(tmp_path):
-    final, work = tmp_path / "lmi", tmp_path / ".partial-lmi"
-    final.mkdir()
-    (final / "metrics.csv").write_text("old")
+    final = tmp_path / "lmi"
+    work = new_staging_dir(final)
+    engine = Engine(lambda e, b: (work / "metrics.csv").write_text("old"))
+    PublishOutputs(final, work).attach(engine)
+    engine.run([0])
+    assert (final / "metrics.csv").read_text() == "old" and not work.exists()
+
+    work = new_staging_dir(final)
     engine = Engine(lambda e, b: (_ for _ in ()).throw(RuntimeError("interrupted")))
-    PublishOutputs(work, final).attach(engine)
+    PublishOutputs(final, work).attach(engine)
     with pytest.raises(RuntimeError, match="interrupted"):
         engine.run([0])
     assert (final / "metrics.csv").read_text() == "old" and not work.exists()
 
+    ended = ended_pid()
+    stale = new_staging_dir(final)  # a staging folder left by a killed run
+    stale.mkdir()
+    (stale / "stale.csv").write_text("left by a killed run")
+    info = {"written_by": "brain_mri_zero_shot_translation", "kind": "outputs", "names": []}
+    (stale / MARKER).write_text(json.dumps({**info, "pid": ended, "host": socket.gethostname()}))
+    work = new_staging_dir(final)
     engine = Engine(lambda e, b: (work / "metrics.csv").write_text("new"))
-    PublishOutputs(work, final).attach(engine)
+    PublishOutputs(final, work).attach(engine)
     engine.run([0])
-    assert (final / "metrics.csv").read_text() == "new" and not work.exists()
+    assert sorted(p.name for p in final.iterdir()) == [MARKER, "metrics.csv"]
+    assert (final / "metrics.csv").read_text() == "new" and not work.exists() and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lmi"]
+
+
+@pytest.mark.parametrize("foreign", ["thesis.txt", "images/thesis.txt"])
+def test_publish_outputs_never_replaces_a_folder_holding_other_files(tmp_path, foreign):
+    final = tmp_path / "lmi"
+
+    def write(engine, batch):
+        (engine.state.work_dir / "images").mkdir()
+        (engine.state.work_dir / "images" / "x_seg.nii.gz").write_text("result")
+
+    engine = Engine(write)
+    publisher = PublishOutputs(final, new_staging_dir(final))
+    engine.state.work_dir = publisher.work_dir
+    publisher.attach(engine)
+    engine.run([0])  # an earlier run of the bundle, with a sub-folder
+    (final / foreign).write_text("mine")  # a user's file, at the top or inside the sub-folder
+    engine = Engine(lambda e, b: None)
+    PublishOutputs(final, new_staging_dir(final)).attach(engine)
+    with pytest.raises(ValueError, match="holds files this bundle did not write"):
+        engine.run([0])
+    assert (final / foreign).read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["lmi"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_publishes_nothing_and_leaves_no_staging_folder(eval_dataset, tmp_path):
+    output = tmp_path / "out"
+    overrides = ["--dataset_dir", str(eval_dataset), "--output_dir", str(output), *SIZE, "--method", "lmi"]
+    overrides += ["--num_steps", "400"]  # long enough to be interrupted
+    command = bundle_command("configs/evaluate.json", *overrides)
+    process = subprocess.Popen(
+        command, cwd=BUNDLE_ROOT, env=bundle_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not list(output.glob(".lmi.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert list(output.glob(".lmi.tmp-*")), "the run writes into its staging folder"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "terminated by SIGTERM" in stderr.decode()
+    assert not list(output.glob(".*")) and not (output / "lmi").exists()
 
 
 def test_timed_inferer_reports_seconds_per_slice():
@@ -273,6 +348,7 @@ def _strings(value):
         yield value
 
 
+@pytest.mark.slow
 def test_quick_comparison_writes_the_table_the_json_and_the_figure(grid_dataset, tmp_path):
     """CI's smoke run, with the T2w block on the fixture (the demo has no T2w) and the BrainWeb block when
     ../shared is there; the second-physics block is pointed at an absent folder and must say it is skipped."""
@@ -406,9 +482,9 @@ def test_training_budgets_read_the_last_log_row_and_the_shared_networks(tmp_path
 @pytest.mark.parametrize(
     "method, checkpoint",
     [
-        ("lmi_paper", "checkpoints_lmi_paper/checkpoint_epoch=72.pt"),
-        ("cyclegan", "checkpoints_cyclegan/checkpoint_epoch=10.pt"),
-        ("stylegan", "checkpoints_stylegan/checkpoint_epoch=140.pt"),
+        ("lmi_paper", "checkpoints_lmi_paper/checkpoint_epoch_72.pt"),
+        ("cyclegan", "checkpoints_cyclegan/checkpoint_epoch_10.pt"),
+        ("stylegan", "checkpoints_stylegan/checkpoint_epoch_140.pt"),
     ],
 )
 def test_shipped_training_budgets_match_the_checkpoints(method, checkpoint):
@@ -422,6 +498,7 @@ def test_shipped_training_budgets_match_the_checkpoints(method, checkpoint):
     assert checkpoint in spec["source"]
 
 
+@pytest.mark.slow
 def test_saved_outputs_of_a_source_off_the_evaluation_grid_keep_the_grid_geometry(tmp_path):
     """A 48 x 48 source evaluated on the 32 x 32 grid: the saved translation is that grid, with its own affine."""
     (tmp_path / "data48").mkdir()

@@ -144,6 +144,30 @@ def test_volumes_are_translated_slice_by_slice(conditioner, network):
     assert float(out[..., 0].max()) > 0
 
 
+class _Recorder:
+    """A translator that returns its input and keeps what it was given."""
+
+    def translate(self, inputs, network):
+        self.seen = inputs.clone()
+        return inputs
+
+
+@pytest.mark.parametrize("shape, spacing", [((48, 32), (1.0, 1.0)), ((40, 40), (1.0, 1.5))])
+def test_a_non_square_slice_keeps_its_aspect_ratio(shape, spacing):
+    """A disc of radius 12 mm must reach the model as a disc, not squashed to the square grid, and come back."""
+    y, x = torch.meshgrid(
+        *[(torch.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij"
+    )
+    disc = ((x**2 + y**2) <= 12.0**2).float()[None, None]
+    source = MetaTensor(disc, affine=torch.diag(torch.tensor([*spacing, 1.0, 1.0])))
+    recorder = _Recorder()
+    out = SliceWiseInferer(recorder, image_size=(32, 32), progress=False)(source, None)
+    seen = recorder.seen[0, 0] > 0.5
+    rows, cols = seen.any(1).sum().item(), seen.any(0).sum().item()
+    assert abs(rows - cols) <= 1, f"the disc reached the model as {rows} x {cols} pixels"
+    assert out.shape == source.shape and float((out - disc).abs().mean()) < 0.05
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

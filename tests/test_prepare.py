@@ -4,13 +4,12 @@ and one end-to-end ``monai.bundle run`` of configs/prepare.json (tiny mni config
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import bundle_run
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImage
 
@@ -21,7 +20,6 @@ from scripts.data import (
     prepare_dataset,
 )
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"spatial_size": (32, 32), "fov_mm": 96.0, "slice_step_mm": 4.0, "max_slices_per_subject": 3}
 TINY_MNI = {"spatial_size": (64, 64), "max_slices_per_subject": 3, "mni": {"num_training": 2, "num_testing": 1}}
 TEST_KEYS = {"image", "target", "t2", "label", "mask", "subject", "slice"}
@@ -138,14 +136,18 @@ def test_determinism_and_seeds(tmp_path):
 
 def test_existing_dataset_dir_and_overwrite(tmp_path, labelmap_dir):
     out = tmp_path / "ds"
-    out.mkdir()
-    (out / "old.txt").write_text("x")
+    _labelmaps(labelmap_dir, out).run()
     with pytest.raises(DataPreparationError, match="already exists") as err:
         _labelmaps(labelmap_dir, out).run()
     assert str(out) in str(err.value)
-    _labelmaps(labelmap_dir, out, overwrite=True).run()
-    assert (out / "datalist.json").is_file() and not (out / "old.txt").exists()
+    _labelmaps(labelmap_dir, out, overwrite=True, seed=5).run()
+    assert json.loads((out / "datalist.json").read_text())["seed"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "maps"]
+    # a folder holding anything this bundle did not write is never replaced (tests/test_prepare_safety.py)
+    (out / "old.txt").write_text("x")
+    with pytest.raises(DataPreparationError, match="old.txt, which this bundle did not write"):
+        _labelmaps(labelmap_dir, out, overwrite=True).run()
+    assert (out / "old.txt").read_text() == "x"
 
 
 def test_failed_run_leaves_nothing(tmp_path, labelmap_dir, label_map_factory):
@@ -257,34 +259,18 @@ def test_ixi_bad_input(tmp_path):
         DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": pd, "t1_dir": t1}).run()
 
 
+@pytest.mark.slow
 def test_bundle_run_end_to_end(tmp_path):
     """``python -m monai.bundle run --config_file configs/prepare.json`` on a tiny mni configuration."""
     out = tmp_path / "mni"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "configs/prepare.json",
-        "--dataset_dir",
-        str(out),
-        "--spatial_size",
-        "[48, 48]",
-        "--max_slices_per_subject",
-        "2",
-        "--mni#num_training",
-        "1",
-        "--mni#num_testing",
-        "1",
-    ]
-    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    tiny = ["--spatial_size", "[48, 48]", "--max_slices_per_subject", "2"]
+    tiny += ["--mni#num_training", "1", "--mni#num_testing", "1"]
+    bundle_run("configs/prepare.json", "--dataset_dir", str(out), *tiny)
     dl = load_decathlon_datalist(str(out / "datalist.json"), data_list_key="testing", base_dir=str(out))
     assert len(dl) == 2 and Path(dl[0]["target"]).is_file()
     # a wrong source name fails with one clear line and writes nothing
-    bad = cmd[:4] + ["--config_file", "configs/prepare.json", "--source", "nope", "--dataset_dir", str(tmp_path / "x")]
-    proc = subprocess.run(bad, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    bad = ["--source", "nope", "--dataset_dir", str(tmp_path / "x")]
+    proc = bundle_run("configs/prepare.json", *bad, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "data preparation failed: source 'nope' is not one of: mni, labelmaps, ixi"

@@ -5,13 +5,12 @@ left as it was."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import BUNDLE_ROOT, bundle_run
 from monai.bundle import ConfigParser
 
 from scripts.data import DataPreparationError, DatasetPreparer
@@ -25,7 +24,6 @@ from scripts.simulation import (
     tissue_table,
 )
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/prepare.json"
 OVERRIDE = "configs/prepare_second_physics.json"
 TEST_KEYS = {"image", "target", "t2", "label", "mask", "subject", "slice"}
@@ -58,12 +56,7 @@ def _class_means(dataset: Path) -> dict[str, np.ndarray]:
 def physics2_dataset(shared_data_dir, tmp_path_factory) -> Path:
     """The override prepared through the bundle runner on one test subject (three slices)."""
     out = tmp_path_factory.mktemp("physics2") / "labelmaps_physics2"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    bundle_run(
         f"['{DEFAULT_CONFIG}','{OVERRIDE}']",
         "--shared_data",
         str(shared_data_dir),
@@ -73,9 +66,7 @@ def physics2_dataset(shared_data_dir, tmp_path_factory) -> Path:
         str(TINY_SLICES),
         "--labelmaps#testing",
         f"['{TINY_SUBJECT}']",
-    ]
-    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    )
     return out
 
 
@@ -92,6 +83,7 @@ def physics1_dataset(shared_data_dir, tmp_path_factory) -> Path:
     return parser.get_parsed_content("preparer").run()
 
 
+@pytest.mark.slow
 def test_override_prepares_testing_split_through_bundle_runner(physics2_dataset):
     dl = json.loads((physics2_dataset / "datalist.json").read_text())
     assert dl["name"] == "brain_mri_zero_shot_translation-labelmaps_physics2" and dl["source"] == "labelmaps"
@@ -111,6 +103,7 @@ def test_override_prepares_testing_split_through_bundle_runner(physics2_dataset)
         assert {1, 2, 3} <= set(np.unique(lab)) and np.array_equal(mask, (lab > 0).astype(np.uint8))
 
 
+@pytest.mark.slow
 def test_second_physics_contrast_on_images(physics2_dataset, physics1_dataset):
     """Spin-echo T1w: WM > GM > CSF, with brighter CSF than the first physics' SPGR; PDw: CSF > GM > WM."""
     p2, p1 = _class_means(physics2_dataset), _class_means(physics1_dataset)
@@ -207,16 +200,15 @@ def test_default_labelmaps_output_matches_prepared_dataset(shared_data_dir):
         assert np.allclose(nib.load(dataset / e["image"]).affine, result.affines[n])
 
 
+@pytest.mark.slow
 def test_second_physics_set_evaluates_with_the_default_translator(physics2_dataset, tmp_path):
     """evaluate.json runs the shipped default translator on the second-physics slices (tiny: 2 slices, 2 steps)."""
     output = tmp_path / "eval"
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
+    bundle_run(
+        "configs/evaluate.json",
         "--method", "lmi", "--dataset_dir", str(physics2_dataset), "--num_slices", "2", "--num_steps", "2",
         "--output_dir", str(output),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    )  # fmt: skip
     with open(output / "lmi" / "metrics.csv") as handle:
         metrics = dict(line.strip().split(",") for line in handle if line.strip())
     assert 0.0 < float(metrics["ssim"]) <= 1.0 and float(metrics["psnr"]) > 5.0

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import bundle_run, save_slice
 from monai.data import MetaTensor
 from phantoms import phantom
 from torch.utils.data import DataLoader
@@ -28,7 +25,6 @@ from scripts.stylegan import (
     to_unit,
 )
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TINY_SIZES = {"latent_dim": 16, "resolution": 16, "channel_base": 64, "channel_max": 16}
 TINY = [arg for key, value in TINY_SIZES.items() for arg in (f"--{key}", str(value))]
 
@@ -248,15 +244,6 @@ def test_a_network_that_is_not_a_generator_is_refused():
 # ------------------------------------------------------------------------------------ bundle workflow
 
 
-def bundle_run(*overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train_stylegan.json", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, env=env, timeout=600)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def tiny_t1_dataset(tmp_path_factory) -> Path:
     """Six target (T1w-like) training slices in the prepare workflow's datalist layout."""
@@ -264,12 +251,13 @@ def tiny_t1_dataset(tmp_path_factory) -> Path:
     training = []
     for i in range(6):
         name = f"train_{i}_t1.nii.gz"
-        nib.save(nib.Nifti1Image(phantom(32, seed=i)[0, 0].numpy() * 800, np.diag([2.0, 2.0, 2.0, 1.0])), root / name)
+        save_slice(phantom(32, seed=i)[0, 0].numpy() * 800, root / name)
         training.append({"image": name, "subject": "s1"})
     (root / "datalist.json").write_text(json.dumps({"training": training, "testing": []}))
     return root
 
 
+@pytest.mark.slow
 def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_t1_dataset, tmp_path):
     models = tmp_path / "models"
 
@@ -283,9 +271,9 @@ def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_t1_datase
             "--train#trainer#max_epochs", str(epochs),
         ]  # fmt: skip
 
-    first = bundle_run(*overrides(1))
+    first = bundle_run("configs/train_stylegan.json", *overrides(1))
     assert "g_loss" in first.stdout + first.stderr and "ada_p" in first.stdout + first.stderr
-    checkpoint = models / "checkpoints_stylegan" / "checkpoint_epoch=1.pt"
+    checkpoint = models / "checkpoints_stylegan" / "checkpoint_epoch_1.pt"
     exported = models / "stylegan_generator.pt"
     assert checkpoint.is_file() and exported.is_file()
     state = torch.load(checkpoint, weights_only=False)
@@ -297,10 +285,10 @@ def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_t1_datase
     generator = StyleGAN2Generator(mapping_layers=4, **TINY_SIZES)
     generator.load_state_dict(weights)  # the exported EMA generator matches generator_def with the same sizes
 
-    second = bundle_run(*overrides(2))
+    second = bundle_run("configs/train_stylegan.json", *overrides(2))
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
-    resumed = torch.load(models / "checkpoints_stylegan" / "checkpoint_epoch=2.pt", weights_only=False)
+    resumed = torch.load(models / "checkpoints_stylegan" / "checkpoint_epoch_2.pt", weights_only=False)
     assert resumed["trainer"]["iteration"] == 4, "the resumed run continues from iteration 2"
     assert not checkpoint.exists(), "only the newest checkpoint is kept"
     updated = torch.load(exported, weights_only=True)

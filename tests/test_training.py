@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from ignite.engine import Engine
 
 from scripts.training import ClipGradients, SetLearningRate, SourceLeakError, TrainingLog, WallClock, target_only
 
@@ -74,17 +76,78 @@ def test_set_learning_rate_overrides_every_group():
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4]
 
 
-def test_resume_skips_objects_the_checkpoint_lacks_and_rejects_an_unreadable_one(tmp_path):
+def test_resume_skips_objects_the_checkpoint_lacks_and_falls_back_past_an_unreadable_one(tmp_path, caplog):
     from scripts.training import resume_handlers
 
     network = torch.nn.Linear(2, 1)
-    torch.save({"model": network.state_dict()}, tmp_path / "checkpoint_epoch=3.pt")
-    loaders = resume_handlers(tmp_path, {"model": network, "wall_clock": WallClock()})
-    assert len(loaders) == 1 and set(loaders[0].load_dict) == {"model"}
-    (tmp_path / "checkpoint_epoch=4.pt").write_bytes(b"\0" * 10)  # a save cut short
-    with pytest.raises(ValueError, match="cannot be read"):
+    torch.save({"model": network.state_dict()}, tmp_path / "checkpoint_epoch=3.pt")  # ignite's naming still loads
+    handlers = resume_handlers(tmp_path, {"model": network, "wall_clock": WallClock()})
+    assert len(handlers) == 2 and set(handlers[0].load_dict) == {"model"}
+    (tmp_path / "checkpoint_epoch_4.pt").write_bytes(b"\0" * 10)  # a save cut short
+    with caplog.at_level("WARNING"):
+        handlers = resume_handlers(tmp_path, {"model": network})
+    assert handlers[0].load_path.endswith("checkpoint_epoch=3.pt") and "skipping checkpoint" in caplog.text
+    (tmp_path / "checkpoint_epoch=3.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no checkpoint .* can be read"):
         resume_handlers(tmp_path, {"model": network})
     assert resume_handlers(tmp_path / "absent", {"model": network}) == []
+
+
+def _ignite_trainer(epoch_length: int, batches: int, max_epochs: int = 5) -> Engine:
+    trainer = Engine(lambda engine, batch: None)
+    trainer.state.dataloader = list(range(batches))
+    trainer.state.epoch_length, trainer.state.max_epochs = epoch_length, max_epochs
+    trainer.state.iteration, trainer.state.epoch = 2 * epoch_length, 2
+    return trainer
+
+
+def test_resume_refuses_a_checkpoint_past_max_epochs(tmp_path):
+    from scripts.training import resume_handlers
+
+    network = torch.nn.Linear(2, 1)
+    trainer = _ignite_trainer(epoch_length=83, batches=83)
+    torch.save({"model": network.state_dict(), "trainer": trainer.state_dict()}, tmp_path / "checkpoint_epoch_2.pt")
+    assert len(resume_handlers(tmp_path, {"model": network}, max_epochs=2)) == 2
+    with pytest.raises(ValueError, match="epoch 2, past max_epochs 1: set --max_epochs above 2"):
+        resume_handlers(tmp_path, {"model": network}, max_epochs=1)
+
+
+def test_a_resumed_epoch_is_one_pass_over_the_new_data():
+    from scripts.training import EpochLengthFromData
+
+    trainer = _ignite_trainer(epoch_length=83, batches=6)  # the checkpoint's epoch length, another batch size
+    EpochLengthFromData()(trainer)
+    assert trainer.state.epoch_length == 6 and trainer.state.epoch == 2
+
+
+def test_checkpoint_saver_writes_through_a_temporary_file_and_keeps_the_last_loadable_one(tmp_path, monkeypatch):
+    from scripts import io as bundle_io
+    from scripts.training import SafeCheckpointSaver, checkpoints
+
+    network = torch.nn.Linear(2, 1)
+    trainer = _ignite_trainer(epoch_length=4, batches=4)
+    (tmp_path / ".checkpoint_epoch_1.pt.abc123.tmp").write_bytes(b"half")  # left by a killed save
+    (tmp_path / "notes.txt").write_text("not ours")
+    saver = SafeCheckpointSaver(tmp_path, {"model": network, "trainer": trainer}, keep=1)
+    saver.remove_stale_temporaries()
+    saver(trainer)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_epoch_2.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch_2.pt", "notes.txt"]
+
+    def killed(path, data):  # the process dies after writing half of the temporary file
+        (Path(path).parent / f".{Path(path).name}.xyz.tmp").write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("scripts.training.write_bytes_atomic", killed)
+    trainer.state.epoch = 3
+    with pytest.raises(KeyboardInterrupt):
+        saver(trainer)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_epoch_2.pt"], "the previous one survives"
+    torch.load(tmp_path / "checkpoint_epoch_2.pt", weights_only=True)
+    monkeypatch.setattr("scripts.training.write_bytes_atomic", bundle_io.write_bytes_atomic)
+    saver.remove_stale_temporaries()
+    saver(trainer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch_3.pt", "notes.txt"]
 
 
 def test_wall_clock_continues_from_its_saved_state():

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(BUNDLE_ROOT / "benchmarks"))
-
-import training_report  # noqa: E402
+import training_report  # benchmarks/, on sys.path through conftest.py
 
 LOG = """iteration,epoch,wall_s,images_seen,val_dice,val_ssim,val_psnr,validation
 100,1,60.0,800,0.30,0.50,15.0,set a

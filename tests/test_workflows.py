@@ -3,122 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
+import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import BUNDLE_ROOT, TINY_PAPER, bundle_command, bundle_env, bundle_run, infer_overrides, train_overrides
 from phantoms import phantom
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
-# A network small enough to train two iterations in seconds; the same overrides go to every workflow.
-TINY = [
-    "--network_channels", "[8, 8]",
-    "--attention_levels", "[False, False]",
-    "--num_head_channels", "8",
-    "--norm_num_groups", "8",
-    "--model_size", "[32, 32]",
-    "--image_size", "[32, 32]",
-]  # fmt: skip
-# The same for the paper's recipe (configs/train_lmi_paper.json, method lmi_paper), which has its own network.
-TINY_PAPER_NETWORK = {
-    "_target_": "DiffusionModelUNet",
-    "spatial_dims": 2,
-    "in_channels": "$1 + @paper_conditioner.num_channels",
-    "out_channels": 1,
-    "channels": [8, 8],
-    "attention_levels": [False, False],
-    "num_res_blocks": 1,
-    "num_head_channels": 8,
-    "norm_num_groups": 8,
-}
-TINY_PAPER = [
-    "--paper_network_def",
-    json.dumps(TINY_PAPER_NETWORK),
-    "--paper_model_size",
-    "[16, 16]",
-    "--image_size",
-    "[32, 32]",
-]
-
-
-def bundle_run(config: str | list[str], *overrides: str, torchrun: int = 0, check: bool = True):
-    """Run a bundle config in a fresh process from the bundle root, as a user would."""
-    configs = config if isinstance(config, str) else json.dumps(config)
-    if torchrun:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-        command += ["-m", "monai.bundle", "run"]
-    else:
-        command = [sys.executable, "-m", "monai.bundle", "run"]
-    command += ["--config_file", configs, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, env=env, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
-    nib.save(nib.Nifti1Image(array.astype(np.float32), affine), str(path))
-    return path.name
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """Six target-only training slices and two paired test slices, in the prepare workflow's datalist layout."""
-    root = tmp_path_factory.mktemp("tiny_dataset")
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    datalist = {"training": [], "source_training": [], "testing": []}
-    for i in range(6):
-        t1 = phantom(32, seed=i)[0, 0].numpy()
-        labels = np.digitize(t1, [0.05, 0.3, 0.7]).astype(np.float32)
-        datalist["training"].append({"image": _save(t1 * 800, affine, root / f"train_{i}_T1w.nii.gz"), "subject": "s1"})
-        # the training subjects' source slices with their siblings, as the prepare workflow writes them (validation)
-        pd = _save(np.where(t1 > 0, 1.1 - t1, 0) * 900, affine, root / f"train_{i}_PDw.nii.gz")
-        _save(labels, affine, root / f"train_{i}_dseg.nii.gz")
-        _save((labels > 0).astype(np.float32), affine, root / f"train_{i}_mask.nii.gz")
-        datalist["source_training"].append({"image": pd, "subject": "s1"})
-    for i in range(2):
-        t1 = phantom(32, seed=10 + i)[0, 0].numpy()
-        pd = np.where(t1 > 0, 1.1 - t1, 0)
-        labels = np.digitize(t1, [0.05, 0.3, 0.7]).astype(np.float32)
-        datalist["testing"].append(
-            {
-                "image": _save(pd * 900, affine, root / f"test_{i}_pd.nii.gz"),
-                "target": _save(t1 * 800, affine, root / f"test_{i}_t1.nii.gz"),
-                "label": _save(labels, affine, root / f"test_{i}_label.nii.gz"),
-                "mask": _save((labels > 0).astype(np.float32), affine, root / f"test_{i}_mask.nii.gz"),
-                "subject": "s2",
-            }
-        )
-    (root / "datalist.json").write_text(json.dumps(datalist))
-    return root
-
-
-def train_overrides(dataset: Path, models: Path, epochs: int, tiny: list[str] = TINY) -> list[str]:
-    return tiny + [
-        "--dataset_dir", str(dataset),
-        "--ckpt_dir", str(models),
-        "--output_dir", str(models / "logs"),
-        "--batch_size", "3",
-        "--train#trainer#max_epochs", str(epochs),
-        "--val_interval", "1",
-        "--num_val_slices", "2",
-        "--val_steps", "2",
-    ]  # fmt: skip
-
-
+@pytest.mark.slow
 def test_training_runs_and_resumes_after_an_interruption(tiny_dataset, tmp_path):
     models = tmp_path / "models"
     first = bundle_run("configs/train.json", *train_overrides(tiny_dataset, models, epochs=1))
     first_log = first.stdout + first.stderr
     assert "val_dice" in first_log and "val_ssim" in first_log, "the validation handler must log Dice and SSIM"
-    checkpoint = models / "checkpoints" / "checkpoint_epoch=1.pt"
+    checkpoint = models / "checkpoints" / "checkpoint_epoch_1.pt"
     assert checkpoint.is_file() and (models / "model.pt").is_file()
     rows = (models / "training_log.csv").read_text().splitlines()
     assert rows[0].split(",")[:4] == ["iteration", "epoch", "wall_s", "images_seen"] and len(rows) == 2
@@ -131,8 +35,8 @@ def test_training_runs_and_resumes_after_an_interruption(tiny_dataset, tmp_path)
     )
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
-    assert (models / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
-    state = torch.load(models / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
+    assert (models / "checkpoints" / "checkpoint_epoch_2.pt").is_file()
+    state = torch.load(models / "checkpoints" / "checkpoint_epoch_2.pt", weights_only=False)
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.0002
     assert float(state["wall_clock"]["wall_s"]) > 0, "the campaign's wall time is part of the resume state"
     assert not checkpoint.exists(), "only the newest checkpoint is kept"
@@ -143,14 +47,16 @@ def test_training_runs_and_resumes_after_an_interruption(tiny_dataset, tmp_path)
     assert float(rows[1][2]) > float(rows[0][2]) and int(rows[1][0]) > int(rows[0][0])
 
 
+@pytest.mark.slow
 def test_paper_recipe_trains_with_its_own_network(tiny_dataset, tmp_path):
     models = tmp_path / "models"
     bundle_run("configs/train_lmi_paper.json", *train_overrides(tiny_dataset, models, epochs=1, tiny=TINY_PAPER))
-    assert (models / "checkpoints_lmi_paper" / "checkpoint_epoch=1.pt").is_file()
+    assert (models / "checkpoints_lmi_paper" / "checkpoint_epoch_1.pt").is_file()
     state = torch.load(models / "lmi_paper.pt", weights_only=True)
     assert state["conv_in.conv.weight"].shape[1] == 4, "x_t, LMI(s, x_t), LMI(s, s) and the head mask"
 
 
+@pytest.mark.slow
 def test_a_source_image_in_the_training_list_stops_training(tiny_dataset, tmp_path):
     leaky = tmp_path / "leaky"
     leaky.mkdir()
@@ -166,6 +72,7 @@ def test_a_source_image_in_the_training_list_stops_training(tiny_dataset, tmp_pa
     assert not (tmp_path / "models" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_training(tiny_dataset, tmp_path):
     models = tmp_path / "models"
     result = bundle_run(
@@ -173,23 +80,13 @@ def test_two_process_cpu_ddp_training(tiny_dataset, tmp_path):
         *train_overrides(tiny_dataset, models, epochs=1),
         torchrun=2,
     )
-    assert (models / "checkpoints" / "checkpoint_epoch=1.pt").is_file(), result.stdout[-2000:]
+    assert (models / "checkpoints" / "checkpoint_epoch_1.pt").is_file(), result.stdout[-2000:]
     state = torch.load(models / "model.pt", weights_only=True)
     assert "unet.conv_in.conv.weight" in state, "the default translator's space-to-depth UNet"
     assert not any(k.startswith("module.") for k in state), "exported weights must load without DDP"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dataset, tmp_path_factory) -> Path:
-    models = tmp_path_factory.mktemp("tiny_models")
-    bundle_run("configs/train.json", *train_overrides(tiny_dataset, models, epochs=1), "--val_interval", "100")
-    return models / "model.pt"
-
-
-def infer_overrides(model: Path, output: Path, *extra: str) -> list[str]:
-    return TINY + ["--model_path", str(model), "--output_dir", str(output), "--num_steps", "2", *extra]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lmi", "sdedit"])
 def test_inference_on_2d_slices_keeps_the_affine(tiny_dataset, tiny_model, tmp_path, method):
     output = tmp_path / "out"
@@ -199,14 +96,15 @@ def test_inference_on_2d_slices_keeps_the_affine(tiny_dataset, tiny_model, tmp_p
     assert len(written) == 2
     for entry in written:
         image = nib.load(output / entry["image"])
-        source = nib.load(entry["source_image"])
+        source = nib.load(output / entry["source_image"])  # relative to the datalist, as "image" is
         assert image.shape == source.shape and np.allclose(image.affine, source.affine)
         data = image.get_fdata()
         assert data.min() >= 0 and data.max() <= 1 and data.max() > 0
     assert (output / "translation.png").is_file()
-    assert not list(output.glob("*.partial*")), "no temporary file may remain"
+    assert not list(output.glob("*.partial*")) and not list(tmp_path.glob(".*")), "no staging may remain"
 
 
+@pytest.mark.slow
 def test_inference_on_a_3d_volume_writes_one_volume(tiny_model, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -220,6 +118,7 @@ def test_inference_on_a_3d_volume_writes_one_volume(tiny_model, tmp_path):
     assert np.all(result.get_fdata()[..., 1].max() > 0)
 
 
+@pytest.mark.slow
 def test_inference_is_deterministic_for_a_seed(tiny_dataset, tiny_model, tmp_path):
     outputs = []
     for run in ("a", "b"):
@@ -237,6 +136,7 @@ def _write(tmp_path: Path, name: str, array: np.ndarray) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -247,7 +147,16 @@ def _write(tmp_path: Path, name: str, array: np.ndarray) -> Path:
         ("nan", "NaN or Inf"),
         ("all_zero", "all zero"),
         ("missing_model", "model file not found"),
-        ("mismatched_model", "does not match the network"),
+        ("mismatched_model", "does not match the network in the config: missing"),
+        ("random_bytes_model", "not a state dict saved with torch.save"),
+        ("tensor_model", "not a state dict of tensors"),
+        ("constant", "image is constant"),
+        ("unknown_method", "unknown method 'foo'"),
+        ("zero_steps", "num_steps must be a whole number in 1-1000, got 0"),
+        ("negative_steps", "num_steps must be a whole number in 1-1000, got -3"),
+        ("steps_past_schedule", "num_steps must be a whole number in 1-1000, got 5000"),
+        ("sdedit_start_past_schedule", "sdedit_start must be a timestep in 1-999, got 5000"),
+        ("output_dir_is_a_file", "is a file; give a folder"),
     ],
 )
 def test_inference_bad_input_gives_a_clear_error_and_no_output(tiny_model, tmp_path, case, message):
@@ -269,15 +178,135 @@ def test_inference_bad_input_gives_a_clear_error_and_no_output(tiny_model, tmp_p
         inputs = _write(tmp_path, "x.nii.gz", np.where(good > 0.5, np.nan, good))
     elif case == "all_zero":
         inputs = _write(tmp_path, "x.nii.gz", np.zeros_like(good))
+    elif case == "constant":
+        inputs = _write(tmp_path, "x.nii.gz", np.full_like(good, 3.0))
     else:
         inputs = _write(tmp_path, "x.nii.gz", good)
         model = tmp_path / ("absent.pt" if case == "missing_model" else "other.pt")
         if case == "mismatched_model":
             torch.save({"conv_in.weight": torch.zeros(1)}, model)
+        elif case == "random_bytes_model":
+            model.write_bytes(np.random.default_rng(0).bytes(4096))
+        elif case == "tensor_model":
+            torch.save(torch.zeros(3), model)
+        elif not case.endswith("_model"):
+            model = tiny_model
+    settings = {
+        "unknown_method": ["--method", "foo"],
+        "zero_steps": ["--num_steps", "0"],
+        "negative_steps": ["--num_steps", "-3"],
+        "steps_past_schedule": ["--num_steps", "5000"],
+        "sdedit_start_past_schedule": ["--method", "sdedit", "--sdedit_start", "5000"],
+    }.get(case, [])
     output = tmp_path / "out"
-    result = bundle_run(
-        "configs/inference.json", *infer_overrides(model, output, "--input_dir", str(inputs)), check=False
-    )
-    assert result.returncode != 0
+    if case == "output_dir_is_a_file":
+        output.write_text("a file where the folder should be")
+    overrides = infer_overrides(model, output, "--input_dir", str(inputs)) + settings
+    result = bundle_run("configs/inference.json", *overrides, check=False)
+    assert result.returncode == 1
     assert message in result.stdout + result.stderr
-    assert not output.exists() or not any(output.iterdir()), "a failed run leaves no output"
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+    if case == "output_dir_is_a_file":
+        assert output.read_text() == "a file where the folder should be"
+    else:
+        assert not output.exists() or not any(output.iterdir()), "a failed run leaves no output"
+    assert not list(tmp_path.glob(".*")), "nor a staging folder"
+
+
+def _translate_into(output: Path, model: Path, inputs: Path, *extra: str):
+    return bundle_run("configs/inference.json", *infer_overrides(model, output, "--input_dir", str(inputs), *extra))
+
+
+@pytest.mark.slow
+def test_a_rerun_replaces_the_previous_run_whole_and_an_interrupted_one_changes_nothing(tiny_model, tmp_path):
+    inputs = _write(tmp_path, "a_pd.nii.gz", phantom(32, seed=1)[0, 0].numpy())
+    output = tmp_path / "out"
+    _translate_into(output, tiny_model, inputs)
+    first = {p.name: p.read_bytes() for p in output.iterdir()}
+    _write(tmp_path, "b_pd.nii.gz", phantom(32, seed=2)[0, 0].numpy())
+    _translate_into(output, tiny_model, inputs, "--seed", "3")  # a re-run replaces the earlier run whole
+    second = {p.name: p.read_bytes() for p in output.iterdir()}
+    assert {"a_pd_to_t1w_lmi.nii.gz", "b_pd_to_t1w_lmi.nii.gz"} <= set(second)
+    assert second["a_pd_to_t1w_lmi.nii.gz"] != first["a_pd_to_t1w_lmi.nii.gz"]
+
+    overrides = infer_overrides(tiny_model, output, "--input_dir", str(inputs), "--num_steps", "1000")
+    command = bundle_command("configs/inference.json", *overrides)
+    process = subprocess.Popen(
+        command, cwd=BUNDLE_ROOT, env=bundle_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".out.tmp-*")), "the run writes into its staging folder"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "terminated by SIGTERM" in stderr.decode()
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == second, "the earlier run is left as it was"
+    assert not list(tmp_path.glob(".*")), "no staging folder remains"
+
+    (output / "thesis.txt").write_text("mine")
+    result = bundle_run(
+        "configs/inference.json", *infer_overrides(tiny_model, output, "--input_dir", str(inputs)), check=False
+    )
+    assert result.returncode == 1 and "holds files this bundle did not write" in result.stderr
+    assert (output / "thesis.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_inputs_with_the_same_file_name_get_distinct_outputs(tiny_model, tmp_path):
+    good = phantom(32)[0, 0].numpy() * 500
+    affine = np.eye(4)
+    entries = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(good.astype(np.float32), affine), str(tmp_path / folder / "x.nii.gz"))
+        entries.append({"image": f"{folder}/x.nii.gz"})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": entries}))
+    output = tmp_path / "out"
+    bundle_run("configs/inference.json", *infer_overrides(tiny_model, output, "--datalist", str(datalist)))
+    written = json.loads((output / "datalist_translated.json").read_text())["testing"]
+    assert sorted(e["image"] for e in written) == ["a/x_to_t1w_lmi.nii.gz", "b/x_to_t1w_lmi.nii.gz"]
+    assert all((output / e["image"]).is_file() for e in written)
+
+    datalist.write_text(json.dumps({"testing": [entries[0], entries[0]]}))
+    result = bundle_run(
+        "configs/inference.json",
+        *infer_overrides(tiny_model, tmp_path / "twice", "--datalist", str(datalist)),
+        check=False,
+    )
+    assert result.returncode == 1 and "is listed twice" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_slice_with_two_trailing_singleton_axes_translates(tiny_model, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    slice_ = (phantom(32)[0, 0].numpy() * 500)[:, :, None, None]
+    nib.save(nib.Nifti1Image(slice_.astype(np.float32), np.diag([1.5, 1.5, 3.0, 1.0])), str(inputs / "x.nii.gz"))
+    output = tmp_path / "out"
+    _translate_into(output, tiny_model, inputs)
+    result = nib.load(output / "x_to_t1w_lmi.nii.gz")
+    assert result.shape == (32, 32, 1, 1) and np.allclose(result.affine, np.diag([1.5, 1.5, 3.0, 1.0]))
+
+
+@pytest.mark.slow
+def test_a_labelled_translated_set_goes_straight_into_auto3dseg(tiny_dataset, tiny_model, tmp_path):
+    """Labels and other keys of the input entries are carried over, under the key Auto3DSeg trains on."""
+    from monai.apps.auto3dseg import DataAnalyzer
+
+    output = tmp_path / "out"
+    extra = ["--datalist", str(tiny_dataset / "datalist.json"), "--output_list_key", "training"]
+    bundle_run("configs/inference.json", *infer_overrides(tiny_model, output, *extra))
+    datalist = json.loads((output / "datalist_translated.json").read_text())
+    assert "testing" not in datalist and len(datalist["training"]) == 2
+    for entry in datalist["training"]:
+        assert {"image", "label", "source_image", "subject"} <= set(entry)
+        assert (output / entry["label"]).is_file() and (output / entry["source_image"]).is_file()
+    analyzer = DataAnalyzer(
+        str(output / "datalist_translated.json"), str(output), output_path=str(tmp_path / "stats.yaml"), worker=0
+    )
+    stats = analyzer.get_all_case_stats()
+    assert len(stats["stats_by_cases"]) == 2
+    assert stats["stats_summary"]["label_stats"]["labels"] == [0, 1, 2, 3]

@@ -1,6 +1,6 @@
 """Rewrite large_files.yml from the files the bundle ships in models/ (weights, resumable checkpoints, segmenter).
 
-Training prunes and renames checkpoints (``checkpoint_epoch=N.pt``), so the list is regenerated rather than edited:
+Training prunes and renames checkpoints (``checkpoint_epoch_N.pt``), so the list is regenerated rather than edited:
 
     python tools/update_large_files.py
 """
@@ -8,10 +8,13 @@ Training prunes and renames checkpoints (``checkpoint_epoch=N.pt``), so the list
 from __future__ import annotations
 
 import hashlib
-import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.io import write_text_atomic  # noqa: E402
 PATTERNS = ("models/*.pt", "models/*.json", "models/checkpoints*/*.pt")
 HEADER = """# Files the bundle ships that the Model Zoo keeps outside git. Each entry: name, path (relative to the bundle
 # root), url, hash_val (sha256 of the file), hash_type. Checked by tests/test_bundle.py. The files are committed in
@@ -42,9 +45,7 @@ def main() -> None:
             '    hash_type: "sha256"',
         ]
     target = ROOT / "large_files.yml"
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n")
-    os.replace(partial, target)
+    write_text_atomic(target, "\n".join(lines) + "\n")
     print(f"wrote {target} ({len(files)} files)")
 
 

@@ -1,0 +1,125 @@
+"""Choose the default translator's sampling settings on validation data (never the test subjects).
+
+Runs ``configs/evaluate.json --method lmi`` on PDw slices of the *training* subjects of ``--dataset`` (their source
+images never reach training; only their T1w do; ``scripts.training.paired_training_slices`` pairs each with its T1w,
+labels and mask) for each combination of DDIM steps, DDIM ``eta``, ``guidance_scale`` and ``guidance_every`` in the
+grid, with the same seed, and prints Dice / PSNR / SSIM / seconds per slice; writes
+``benchmarks/results/sampling_<method>.json``. ``--method sdedit`` instead searches SDEdit's start timestep
+(``--starts``) and steps with the same network. The setting with the best mean Dice (ties: SSIM) is the one to put in
+``configs/inference.json``.
+
+    python benchmarks/tune_sampling.py [--dataset data/labelmaps] [--slices 24] [--steps 10,20,40] [--etas 0,1]
+        [--scales 0,0.05] [--every 1,2]
+    python benchmarks/tune_sampling.py --method sdedit --starts 300,500,700
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BUNDLE_ROOT))
+
+from scripts.io import write_text_atomic  # noqa: E402
+from scripts.training import paired_training_slices  # noqa: E402
+
+
+def read_mean(folder: Path, metric: str) -> float:
+    with open(folder / f"{metric}_summary.csv") as handle:
+        rows = {row["class"]: float(row["mean"]) for row in csv.DictReader(handle)}
+    return rows["mean"]
+
+
+def evaluate(method: str, model: Path, dataset: Path, slices: int, setting: dict, seed: int, work: Path) -> dict:
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
+        "--method", method, "--model_path", str(model), "--dataset_dir", str(dataset), "--num_slices", str(slices),
+        "--num_steps", str(setting["num_steps"]), "--eta", str(setting["eta"]),
+        "--guidance_scale", str(setting["guidance_scale"]), "--guidance_every", str(setting["guidance_every"]),
+        "--seed", str(seed), "--output_dir", str(work),
+    ]  # fmt: skip
+    if "sdedit_start" in setting:
+        command += ["--sdedit_start", str(setting["sdedit_start"])]
+    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    folder = work / method
+    return {**setting, **{name: round(read_mean(folder, name), 4) for name in ("dice", "psnr", "ssim", "seconds")}}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="lmi", choices=["lmi", "sdedit"])
+    parser.add_argument("--model", type=Path, default=BUNDLE_ROOT / "models" / "model.pt")
+    parser.add_argument("--dataset", type=Path, default=BUNDLE_ROOT / "data" / "labelmaps")
+    parser.add_argument("--slices", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", default="20", help="comma-separated DDIM step counts")
+    parser.add_argument("--etas", default="0", help="comma-separated DDIM eta values (0 = deterministic)")
+    parser.add_argument("--scales", default="0", help="comma-separated LMI-guidance scales (0 = off)")
+    parser.add_argument("--every", default="1", help="comma-separated guidance frequencies (every n-th step)")
+    parser.add_argument("--starts", default="500", help="comma-separated SDEdit start timesteps (--method sdedit)")
+    parser.add_argument("--output", type=Path, help="default: benchmarks/results/sampling_<method>.json")
+    args = parser.parse_args(argv)
+    output = args.output or BUNDLE_ROOT / "benchmarks" / "results" / f"sampling_{args.method}.json"
+    if not (args.dataset / "datalist.json").is_file():
+        raise SystemExit(f"error: {args.dataset}/datalist.json not found (prepare.json --source labelmaps writes it)")
+    axes = {
+        "num_steps": [int(v) for v in args.steps.split(",")],
+        "eta": [float(v) for v in args.etas.split(",")],
+        "guidance_scale": [float(v) for v in args.scales.split(",")],
+        "guidance_every": [int(v) for v in args.every.split(",")],
+    }
+    if args.method == "sdedit":  # SDEdit starts from the noised source: no guidance, its own start step
+        axes = {"num_steps": axes["num_steps"], "sdedit_start": [int(v) for v in args.starts.split(",")]}
+        axes.update(eta=[0.0], guidance_scale=[0.0], guidance_every=[1])
+    grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    grid = [g for g in grid if g["guidance_scale"] > 0 or g["guidance_every"] == 1]  # every needs guidance
+    rows = []
+    start = f" {'start':>5}" if "sdedit_start" in axes else ""
+    print(
+        f"{'steps':>5} {'eta':>4} {'scale':>6} {'every':>5}{start} {'Dice':>6} {'PSNR':>6} {'SSIM':>6} {'s/slice':>7}"
+    )
+    with tempfile.TemporaryDirectory() as work:
+        validation = Path(work) / "validation"
+        validation.mkdir()
+        model = Path(work) / "model.pt"  # one snapshot for the whole grid, even while training rewrites the weights
+        shutil.copyfile(args.model, model)
+        entries = paired_training_slices(args.dataset / "datalist.json", args.slices)
+        (validation / "datalist.json").write_text(json.dumps({"testing": entries}))
+        for index, setting in enumerate(grid):
+            row = evaluate(args.method, model, validation, args.slices, setting, args.seed, Path(work) / f"run{index}")
+            rows.append(row)
+            cells = f"{row['dice']:6.3f} {row['psnr']:6.2f} {row['ssim']:6.3f} {row['seconds']:7.2f}"
+            knobs = f"{row['num_steps']:5d} {row['eta']:4.1f} {row['guidance_scale']:6.3f} {row['guidance_every']:5d}"
+            knobs += f" {row['sdedit_start']:5d}" if "sdedit_start" in row else ""
+            print(f"{knobs} {cells}")
+    best = max(rows, key=lambda r: (r["dice"], r["ssim"]))
+    summary = {
+        "benchmark": "sampling settings (DDIM steps and eta, LMI guidance) of the default translator",
+        "method": args.method,
+        "model": os.path.relpath(args.model, BUNDLE_ROOT),
+        "dataset": os.path.relpath(args.dataset, BUNDLE_ROOT),
+        "split": "PDw slices of the training subjects (never trained on; no test subject), spread over the list",
+        "slices": args.slices,
+        "seed": args.seed,
+        "rows": rows,
+        "best": best,
+        "command": "python benchmarks/tune_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    write_text_atomic(output, json.dumps(summary, indent=4) + "\n")
+    print(f"best: {', '.join(f'{k} {best[k]}' for k in axes)}; wrote {output}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
