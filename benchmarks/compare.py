@@ -320,14 +320,16 @@ def real_fixture_dataset(
 
 
 # ------------------------------------------------------------------------------------------------------------- running
-def network_evaluations(method: str, steps: int, sdedit_start: int, stylegan_steps: int) -> int:
+def network_evaluations(method: str, steps: int, sdedit_start: int, stylegan_steps: int, samples: int = 1) -> int:
     if method == "identity":
         return 0
     if method == "cyclegan":
         return 1
     if method == "stylegan":
         return stylegan_steps
-    return steps  # the diffusion methods; SDEdit's schedule is stretched to walk `steps` below its start
+    if method == "lmi":
+        return steps * samples  # `samples` translations per slice, averaged
+    return steps  # the other diffusion methods; SDEdit's schedule is stretched to walk `steps` below its start
 
 
 def run_method(
@@ -348,6 +350,7 @@ def run_method(
     if source_key != "image":
         command += ["--source_key", source_key]
     command += ["--num_steps", str(args.steps), "--sdedit_start", str(args.sdedit_start)]
+    command += ["--num_samples", str(args.num_samples)]
     command += ["--stylegan_steps", str(args.stylegan_steps), "--seed", str(args.seed)]
     command += ["--output_dir", str(run_dir), "--save_outputs", "True"]
     shown = {str(dataset): shown_dataset or portable(dataset), str(run_dir): "<run_dir>"}
@@ -364,7 +367,7 @@ def summarise(method: str, raw: dict, args) -> dict:
     dice = raw["dice"]
     return {
         "label": METHOD_LABELS.get(method, method),
-        "steps": network_evaluations(method, args.steps, args.sdedit_start, args.stylegan_steps),
+        "steps": network_evaluations(method, args.steps, args.sdedit_start, args.stylegan_steps, args.num_samples),
         "seconds_per_slice": raw["seconds"]["mean"]["mean"],
         "dice": dice["mean"],
         "dice_per_class": {name: dice[f"class{i}"] for i, name in enumerate(CLASSES)},
@@ -716,6 +719,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=shipped["num_steps"])
     parser.add_argument("--stylegan-steps", type=int, default=200)
     parser.add_argument("--sdedit-start", type=int, default=shipped["sdedit_start"])
+    parser.add_argument("--num-samples", type=int, default=shipped["num_samples"], help="samples averaged per slice")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--blocks", default="t2,physics2,brainweb", help="extra blocks to run ('' for none)")

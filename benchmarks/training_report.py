@@ -3,7 +3,8 @@
 Reads each campaign log written by ``scripts.training.TrainingLog`` (``models/training_log.csv`` for the default
 translator), prints steps, images seen, wall time and the validation scores per validation, writes
 ``benchmarks/results/training.json`` and draws ``docs/images/training_curve.png`` (validation Dice, SSIM and PSNR on
-slices of the ``mni`` source, never test subjects, against steps and wall-clock hours).
+the validation slices the log's ``validation`` column names, never test subjects, against steps and wall-clock
+hours).
 
     python benchmarks/training_report.py [--log models/training_log.csv] [--figure docs/images/training_curve.png]
 """
@@ -26,7 +27,8 @@ from scripts.visualize import read_training_log, save_training_curve  # noqa: E4
 def summarise(rows: list[dict[str, float]]) -> dict:
     """The campaign's budget so far and its best validation Dice."""
     last = rows[-1]
-    best = max(rows, key=lambda row: row.get("val_dice", float("-inf")))
+    comparable = [row for row in rows if row.get("validation") == last.get("validation")]  # the last set's rows
+    best = max(comparable, key=lambda row: row.get("val_dice", float("-inf")))
     return {
         "steps": int(last["iteration"]),
         "epochs": int(last["epoch"]),
@@ -35,6 +37,18 @@ def summarise(rows: list[dict[str, float]]) -> dict:
         "last": {k: v for k, v in last.items() if k.startswith("val_")},
         "best_val_dice": {"steps": int(best["iteration"]), "value": best.get("val_dice")},
     }
+
+
+def validation_sets(rows: list[dict]) -> list[dict]:
+    """Each validation set of the log (its ``validation`` column) with the steps it covered: scores of different
+    sets do not compare."""
+    sets: list[dict] = []
+    for row in rows:
+        name = row.get("validation", "unnamed")
+        if not sets or sets[-1]["slices"] != name:
+            sets.append({"slices": name, "first_step": int(row["iteration"])})
+        sets[-1]["last_step"] = int(row["iteration"])
+    return sets
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,11 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "log": os.path.relpath(args.log, BUNDLE_ROOT),
         "hardware": args.hardware,
-        "validation": "8 PDw slices of the mni source's test subjects (no labelmaps test subject), 10 DDIM steps",
+        "validation": validation_sets(rows),
         **summarise(rows),
         "command": "python benchmarks/training_report.py",
     }
-    write_text_atomic(args.output, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(args.output, json.dumps(summary, indent=4) + "\n")
     title = f"default translator: {summary['steps']:,} steps, {summary['wall_hours']} h ({args.hardware})"
     save_training_curve(rows, args.figure, title=title, metrics=("val_dice", "val_ssim", "val_psnr"))
     print(f"wrote {args.output} and {args.figure}")

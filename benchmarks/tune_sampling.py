@@ -44,6 +44,7 @@ def evaluate(method: str, model: Path, dataset: Path, slices: int, setting: dict
         sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
         "--method", method, "--model_path", str(model), "--dataset_dir", str(dataset), "--num_slices", str(slices),
         "--num_steps", str(setting["num_steps"]), "--eta", str(setting["eta"]),
+        "--num_samples", str(setting.get("num_samples", 1)),
         "--guidance_scale", str(setting["guidance_scale"]), "--guidance_every", str(setting["guidance_every"]),
         "--seed", str(seed), "--output_dir", str(work),
     ]  # fmt: skip
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--etas", default="0", help="comma-separated DDIM eta values (0 = deterministic)")
     parser.add_argument("--scales", default="0", help="comma-separated LMI-guidance scales (0 = off)")
     parser.add_argument("--every", default="1", help="comma-separated guidance frequencies (every n-th step)")
+    parser.add_argument("--samples", default="1", help="comma-separated samples per slice, averaged (--method lmi)")
     parser.add_argument("--starts", default="500", help="comma-separated SDEdit start timesteps (--method sdedit)")
     parser.add_argument("--output", type=Path, help="default: benchmarks/results/sampling_<method>.json")
     args = parser.parse_args(argv)
@@ -78,14 +80,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "eta": [float(v) for v in args.etas.split(",")],
         "guidance_scale": [float(v) for v in args.scales.split(",")],
         "guidance_every": [int(v) for v in args.every.split(",")],
+        "num_samples": [int(v) for v in args.samples.split(",")],
     }
     if args.method == "sdedit":  # SDEdit starts from the noised source: no guidance, its own start step
         axes = {"num_steps": axes["num_steps"], "sdedit_start": [int(v) for v in args.starts.split(",")]}
-        axes.update(eta=[0.0], guidance_scale=[0.0], guidance_every=[1])
+        axes.update(eta=[0.0], guidance_scale=[0.0], guidance_every=[1], num_samples=[1])
     grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     grid = [g for g in grid if g["guidance_scale"] > 0 or g["guidance_every"] == 1]  # every needs guidance
     rows = []
-    start = f" {'start':>5}" if "sdedit_start" in axes else ""
+    start = f" {'start':>5}" if "sdedit_start" in axes else f" {'n':>5}"
     print(
         f"{'steps':>5} {'eta':>4} {'scale':>6} {'every':>5}{start} {'Dice':>6} {'PSNR':>6} {'SSIM':>6} {'s/slice':>7}"
     )
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             cells = f"{row['dice']:6.3f} {row['psnr']:6.2f} {row['ssim']:6.3f} {row['seconds']:7.2f}"
             knobs = f"{row['num_steps']:5d} {row['eta']:4.1f} {row['guidance_scale']:6.3f} {row['guidance_every']:5d}"
-            knobs += f" {row['sdedit_start']:5d}" if "sdedit_start" in row else ""
+            knobs += f" {row['sdedit_start']:5d}" if "sdedit_start" in row else f" {row['num_samples']:5d}"
             print(f"{knobs} {cells}")
     best = max(rows, key=lambda r: (r["dice"], r["ssim"]))
     summary = {

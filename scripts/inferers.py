@@ -91,6 +91,7 @@ class LMIGuidedInferer(DiffusionInferer):
         guidance_every: apply the LMI-gradient guidance on every this many steps (the first step included): each
             guided step costs an LMI forward and backward, about 0.7 of a network evaluation at 64 x 64.
         eta: DDIM stochasticity (0 = deterministic DDIM).
+        num_samples: samples per image, averaged (their standard deviation is kept in ``last_std``).
         model_size: spatial size the network works on; None uses the input size.
         mask_background: set the translation to 0 outside the head mask of the source.
         seed: seed of the sampling noise; each call restarts from it, so a call is reproducible.
@@ -109,6 +110,7 @@ class LMIGuidedInferer(DiffusionInferer):
         recompute_every: int = 1,
         guidance_every: int = 1,
         eta: float = 0.0,
+        num_samples: int = 1,
         model_size: Sequence[int] | None = None,
         mask_background: bool = True,
         seed: int = 0,
@@ -121,6 +123,8 @@ class LMIGuidedInferer(DiffusionInferer):
             raise ValueError(f"recompute_every must be >= 1, got {recompute_every}.")
         if guidance_every < 1:
             raise ValueError(f"guidance_every must be >= 1, got {guidance_every}.")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         self.conditioner = conditioner
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
@@ -130,6 +134,8 @@ class LMIGuidedInferer(DiffusionInferer):
         self.recompute_every = int(recompute_every)
         self.guidance_every = int(guidance_every)
         self.eta = float(eta)
+        self.num_samples = int(num_samples)
+        self.last_std: torch.Tensor | None = None
         self.model_size = tuple(model_size) if model_size is not None else None
         self.mask_background = mask_background
         self.seed = int(seed)
@@ -220,8 +226,25 @@ class LMIGuidedInferer(DiffusionInferer):
     def translate(
         self, inputs: torch.Tensor, network: torch.nn.Module, head: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Translate a (B, 1, H, W) batch of [0, 1] source images; returns [0, 1] images with the input's meta."""
+        """Translate a (B, 1, H, W) batch of [0, 1] source images; returns [0, 1] images with the input's meta.
+
+        With ``num_samples`` > 1 each image is sampled that many times in one batch (different noise) and the mean
+        is returned; the per-pixel standard deviation of the samples is kept in ``last_std``.
+        """
         validate_source(inputs)
+        if self.num_samples == 1:
+            return self._translate_once(inputs, network, head)
+        count, batch = self.num_samples, inputs.shape[0]
+        repeated = plain(inputs).repeat_interleave(count, 0)
+        heads = None if head is None else plain(head).repeat_interleave(count, 0)
+        samples = plain(self._translate_once(repeated, network, heads)).view(batch, count, *inputs.shape[1:])
+        self.last_std = samples.std(1)
+        return convert_to_dst_type(samples.mean(1), dst=inputs)[0]
+
+    @torch.no_grad()
+    def _translate_once(
+        self, inputs: torch.Tensor, network: torch.nn.Module, head: torch.Tensor | None = None
+    ) -> torch.Tensor:
         source_full = plain(inputs).float().clamp(0.0, 1.0)
         head_full = self._head(source_full) if head is None else plain(head).to(source_full)
         full_size = tuple(source_full.shape[2:])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -55,6 +57,23 @@ def bundle_run(
     return result
 
 
+def sigterm_once_staging(config: str, *overrides: str, staging: Path, pattern: str, wait: float = 0.0) -> tuple:
+    """Start a bundle run, send it SIGTERM once its staging folder (`pattern` in `staging`) exists (and `wait` more
+    seconds have passed), and return its exit status and stderr."""
+    process = subprocess.Popen(
+        bundle_command(config, *overrides), cwd=BUNDLE_ROOT, env=bundle_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(staging.glob(pattern)) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert list(staging.glob(pattern)), "the run writes into its staging folder"
+    time.sleep(wait)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr.decode()
+
+
 def ended_pid() -> int:
     """The id of a process that has ended, for the marker of a staging folder left by a killed run."""
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -90,6 +109,10 @@ TINY_PAPER = [
     "--image_size",
     "[32, 32]",
 ]
+
+
+# A tiny IXI preparation (32 x 32 slices, 3 per subject), for the registration and data-safety tests.
+TINY_IXI = {"spatial_size": (32, 32), "fov_mm": 192.0, "slice_step_mm": 8.0, "max_slices_per_subject": 3}
 
 
 def train_overrides(dataset: Path, models: Path, epochs: int, tiny: list[str] = TINY) -> list[str]:

@@ -126,3 +126,34 @@ def test_docs_name_every_data_source():
     text = (BUNDLE_ROOT / "docs" / "data_license.txt").read_text()
     for source in ("SynthSeg", "MNI152", "IXI", "BrainWeb", "Apache", "CC BY-SA 3.0"):
         assert source in text
+
+
+SHARED_SETTINGS = {
+    # setting: the workflows that use it; each must resolve to the same value in all of them
+    "num_steps": ["inference", "evaluate"],
+    "sdedit_start": ["inference", "evaluate"],
+    "guidance_scale": ["inference", "evaluate"],
+    "guidance_every": ["inference", "evaluate"],
+    "eta": ["inference", "evaluate"],
+    "image_size": ["inference", "evaluate", "train"],
+    "model_size": ["inference", "evaluate", "train"],
+    "prediction_type": ["inference", "evaluate", "train"],
+    "lmi_bins": ["inference", "evaluate", "train"],
+    "lmi_sigma": ["inference", "evaluate", "train"],
+    "network_def": ["inference", "evaluate", "train"],
+    "conditioner": ["inference", "evaluate", "train"],
+    "sampling_scheduler": ["inference", "evaluate"],
+}
+
+
+@pytest.mark.parametrize("setting", sorted(SHARED_SETTINGS))
+def test_workflows_agree_on_every_shared_setting(setting):
+    """A setting two workflows share must have one value: the evaluation measures what inference ships."""
+    values = {}
+    for name in SHARED_SETTINGS[setting]:
+        parser = ConfigParser()
+        parser.read_config(BUNDLE_ROOT / "configs" / f"{name}.json")
+        parser.resolve_macro_and_relative_ids()
+        values[name] = parser.get(setting)
+    first = next(iter(values.values()))
+    assert all(value == first for value in values.values()), f"{setting} differs between workflows: {values}"

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLE_ROOT, bundle_command, bundle_env, bundle_run, ended_pid, save_slice
+from helpers import BUNDLE_ROOT, bundle_run, ended_pid, save_slice, sigterm_once_staging
 from ignite.engine import Engine
 from monai.metrics import PSNRMetric, SSIMMetric
 from phantoms import phantom
@@ -313,17 +310,8 @@ def test_sigterm_during_evaluation_publishes_nothing_and_leaves_no_staging_folde
     output = tmp_path / "out"
     overrides = ["--dataset_dir", str(eval_dataset), "--output_dir", str(output), *SIZE, "--method", "lmi"]
     overrides += ["--num_steps", "400"]  # long enough to be interrupted
-    command = bundle_command("configs/evaluate.json", *overrides)
-    process = subprocess.Popen(
-        command, cwd=BUNDLE_ROOT, env=bundle_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    while not list(output.glob(".lmi.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert list(output.glob(".lmi.tmp-*")), "the run writes into its staging folder"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1 and "terminated by SIGTERM" in stderr.decode()
+    returncode, stderr = sigterm_once_staging("configs/evaluate.json", *overrides, staging=output, pattern=".lmi.tmp-*")
+    assert returncode == 1 and "terminated by SIGTERM" in stderr
     assert not list(output.glob(".*")) and not (output / "lmi").exists()
 
 
@@ -366,7 +354,9 @@ def test_quick_comparison_writes_the_table_the_json_and_the_figure(grid_dataset,
     assert "Published (Wang et al." in table and "0.88" in table
     written = json.loads((tmp_path / "comparison.json").read_text())
     assert written["num_slices"] == 4
-    assert result["methods"]["identity"]["steps"] == 0 and result["methods"]["lmi"]["steps"] == 2
+    samples = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["num_samples"]
+    assert result["methods"]["identity"]["steps"] == 0 and result["methods"]["lmi"]["steps"] == 2 * samples
+    assert result["methods"]["sdedit"]["steps"] == 2, "one sample per slice for the other diffusion methods"
 
     # T2w -> T1w through --source_key t2, on 2 fixture slices
     t2 = written["blocks"]["t2"]

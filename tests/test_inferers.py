@@ -242,3 +242,18 @@ def test_guidance_every_skips_the_gradient_on_the_other_steps(conditioner, netwo
     assert not torch.equal(result, every_step)
     with pytest.raises(ValueError, match="guidance_every"):
         make_inferer(conditioner, guidance_every=0)
+
+
+def test_several_samples_per_image_are_averaged_and_their_spread_kept(conditioner, network):
+    source = torch.cat([phantom(32, seed=1), phantom(32, seed=2)])
+    single = make_inferer(conditioner, eta=1.0)
+    several = make_inferer(conditioner, eta=1.0, num_samples=3)
+    mean = several.translate(source, network)
+    assert mean.shape == source.shape and several.last_std.shape == source.shape
+    assert float(several.last_std.mean()) > 0, "the samples differ"
+    assert single.last_std is None and single.translate(source, network).shape == source.shape
+    stacked = several._translate_once(source.repeat_interleave(3, 0), network).view(2, 3, 1, 32, 32)
+    assert torch.allclose(stacked.mean(1), mean, atol=1e-6), "the mean of one batch of 3 noise draws per image"
+    assert torch.allclose(several.translate(source, network), mean), "reproducible for a seed"
+    with pytest.raises(ValueError, match="num_samples"):
+        make_inferer(conditioner, num_samples=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import BUNDLE_ROOT, bundle_command, bundle_env, bundle_run, ended_pid
+from helpers import BUNDLE_ROOT, TINY_IXI, bundle_command, bundle_env, bundle_run, ended_pid
 
 from scripts.data import DataPreparationError, DatasetPreparer, make_demo_input, prepare_dataset, simulate_volume
 from scripts.publishing import MARKER
@@ -173,15 +173,7 @@ def _ixi(tmp_path: Path, head, t1: np.ndarray | None = None) -> DatasetPreparer:
     nib.save(nib.Nifti1Image(images["PDw"], affine), str(pd_dir / f"{SUBJECT}-PD.nii.gz"))
     nib.save(nib.Nifti1Image(np.ascontiguousarray(t1, dtype=np.float32), moved), str(t1_dir / f"{SUBJECT}-T1.nii.gz"))
     ixi = {"pd_dir": pd_dir, "t1_dir": t1_dir, "registration": {"sampling": 0.5, "iterations": 100}}
-    return DatasetPreparer(
-        "ixi",
-        tmp_path / "ds",
-        spatial_size=(32, 32),
-        fov_mm=192.0,
-        slice_step_mm=8.0,
-        max_slices_per_subject=3,
-        ixi=ixi,
-    )
+    return DatasetPreparer("ixi", tmp_path / "ds", ixi=ixi, **TINY_IXI)
 
 
 def _refused(preparer: DatasetPreparer, *names: str) -> str:

@@ -9,6 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import TINY_IXI
 from scipy import ndimage as ndi
 
 from scripts.data import DatasetPreparer, simulate_volume
@@ -70,10 +71,7 @@ def test_ixi_source_end_to_end(tmp_path, pair):
     out = DatasetPreparer(
         "ixi",
         tmp_path / "ds",
-        spatial_size=(32, 32),
-        fov_mm=192.0,
-        slice_step_mm=8.0,
-        max_slices_per_subject=3,
+        **TINY_IXI,
         ixi={
             "pd_dir": pd_dir,
             "t1_dir": t1_dir,

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLE_ROOT, TINY_PAPER, bundle_command, bundle_env, bundle_run, infer_overrides, train_overrides
+from helpers import TINY_PAPER, bundle_run, infer_overrides, sigterm_once_staging, train_overrides
 from phantoms import phantom
 
 
@@ -230,18 +227,10 @@ def test_a_rerun_replaces_the_previous_run_whole_and_an_interrupted_one_changes_
     assert second["a_pd_to_t1w_lmi.nii.gz"] != first["a_pd_to_t1w_lmi.nii.gz"]
 
     overrides = infer_overrides(tiny_model, output, "--input_dir", str(inputs), "--num_steps", "1000")
-    command = bundle_command("configs/inference.json", *overrides)
-    process = subprocess.Popen(
-        command, cwd=BUNDLE_ROOT, env=bundle_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    returncode, stderr = sigterm_once_staging(
+        "configs/inference.json", *overrides, staging=tmp_path, pattern=".out.tmp-*", wait=0.5
     )
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert list(tmp_path.glob(".out.tmp-*")), "the run writes into its staging folder"
-    time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1 and "terminated by SIGTERM" in stderr.decode()
+    assert returncode == 1 and "terminated by SIGTERM" in stderr
     assert {p.name: p.read_bytes() for p in output.iterdir()} == second, "the earlier run is left as it was"
     assert not list(tmp_path.glob(".*")), "no staging folder remains"
 

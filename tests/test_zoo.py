@@ -24,30 +24,28 @@ def compare():
     return compare
 
 
-def test_verify_net_in_out_on_the_inference_config(monkeypatch):
-    """The Zoo's shape check on configs/inference.json + metadata.json, from the bundle root, on CPU."""
-    monkeypatch.chdir(BUNDLE_ROOT)
+def _verify(config: str) -> None:
+    """MONAI's verify_net_in_out on `config` with the bundle's metadata, on CPU, with `timesteps` given."""
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(METADATA),
-        config_file=str(CONFIGS / "inference.json"),
+        config_file=str(CONFIGS / config),
         device="cpu",
         extra_forward_args=TIMESTEPS,
         bundle_root=str(BUNDLE_ROOT),
     )
+
+
+def test_verify_net_in_out_on_the_inference_config(monkeypatch):
+    """The Zoo's shape check on configs/inference.json + metadata.json, from the bundle root, on CPU."""
+    monkeypatch.chdir(BUNDLE_ROOT)
+    _verify("inference.json")
 
 
 def test_verify_net_in_out_from_another_directory(monkeypatch, tmp_path):
     """The network definition (configs/common.json) and metadata.json pass from another working directory."""
     monkeypatch.chdir(tmp_path)
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(METADATA),
-        config_file=str(CONFIGS / "common.json"),
-        device="cpu",
-        extra_forward_args=TIMESTEPS,
-        bundle_root=str(BUNDLE_ROOT),
-    )
+    _verify("common.json")
 
 
 @pytest.mark.xfail(
@@ -58,14 +56,7 @@ def test_verify_net_in_out_from_another_directory(monkeypatch, tmp_path):
 )
 def test_verify_net_in_out_on_the_inference_config_from_another_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(METADATA),
-        config_file=str(CONFIGS / "inference.json"),
-        device="cpu",
-        extra_forward_args=TIMESTEPS,
-        bundle_root=str(BUNDLE_ROOT),
-    )
+    _verify("inference.json")
 
 
 def test_metadata_describes_the_denoiser_of_common_json():
