@@ -63,6 +63,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from scripts.io import is_nifti, nifti_stem
 from scripts.publishing import check_replaceable, sigterm_exits, write_staged
 from scripts.registration import RegistrationError, register_rigid_affine
 from scripts.simulation import CONTRASTS, MRSimulator, eval_smooth
@@ -165,24 +166,12 @@ def _check_dir(path: str | os.PathLike | None, what: str) -> Path:
     return p
 
 
-def _is_nifti_name(p: Path) -> bool:
-    return p.name.endswith(".nii") or p.name.endswith(".nii.gz")
-
-
-def _stem(p: Path) -> str:
-    name = p.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name.split(".")[0]
-
-
 def load_volume(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume: (array, affine). Errors name the file and the problem in one line."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{what} {path}: file does not exist")
-    if not _is_nifti_name(path):
+    if not is_nifti(path):
         raise DataPreparationError(f"{what} {path}: not a NIfTI file (expected .nii or .nii.gz)")
     try:
         img = nib.load(str(path))
@@ -491,7 +480,7 @@ class LabelMapSource(_Source):
         self.skull_table_mm = float(skull_table_mm)
         self.fat_fraction = tuple(float(f) for f in fat_fraction)
         files = sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith("."))
-        nifti = [p for p in files if _is_nifti_name(p)]
+        nifti = [p for p in files if is_nifti(p)]
         if not nifti:
             raise InputNotFoundError(
                 f"label map directory {self.directory}: no NIfTI (.nii/.nii.gz) label maps in it"
@@ -503,7 +492,7 @@ class LabelMapSource(_Source):
             if key in self.files:
                 raise DataPreparationError(f"label map {p}: same subject id '{key}' as {self.files[key]}")
             self.files[key] = p
-        self.others = {self._key(p): p for p in files if not _is_nifti_name(p)}
+        self.others = {self._key(p): p for p in files if not is_nifti(p)}
         train = [str(s) for s in training] if training is not None else None
         test = [str(s) for s in testing] if testing is not None else None
         if train is not None and test is not None and set(train) & set(test):
@@ -520,8 +509,8 @@ class LabelMapSource(_Source):
 
     @staticmethod
     def _key(p: Path) -> str:
-        m = re.search(r"(\d+)$", _stem(p))
-        return m.group(1) if m else _stem(p)
+        m = re.search(r"(\d+)$", nifti_stem(p))
+        return m.group(1) if m else nifti_stem(p)
 
     def _file(self, key: str) -> Path:
         if key in self.files:
@@ -900,10 +889,10 @@ class IXISource(_Source):
         out = {}
         files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
         for p in files:
-            m = self._pattern.match(_stem(p))
+            m = self._pattern.match(nifti_stem(p))
             if not m or m.group(3) != modality:
                 continue
-            if not _is_nifti_name(p):
+            if not is_nifti(p):
                 raise DataPreparationError(f"IXI {modality} file {p}: not a NIfTI file (expected .nii or .nii.gz)")
             out[m.group(1)] = p
         if not out:

@@ -9,6 +9,7 @@ whole by :class:`PublishOutputs` (through ``scripts.publishing``).
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -36,10 +37,13 @@ __all__ = [
     "SaveTranslationd",
     "TranslatedDatalistWriter",
     "exit_on_bad_input",
+    "is_nifti",
+    "nifti_stem",
     "source_datalist",
     "validate_nifti",
     "write_bytes_atomic",
     "write_text_atomic",
+    "write_torch_atomic",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -50,8 +54,18 @@ class InputError(ValueError):
     """A source file or datalist the translation cannot use; the message names the file and the problem."""
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
+def is_nifti(path: str | os.PathLike) -> bool:
+    """Whether `path` names a NIfTI file (``.nii`` or ``.nii.gz``)."""
+    return Path(path).name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """The file name without ``.nii.gz`` / ``.nii`` (another file's name up to its first dot)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name.split(".")[0]
 
 
 def validate_nifti(path: str | os.PathLike) -> tuple[int, ...]:
@@ -62,7 +76,7 @@ def validate_nifti(path: str | os.PathLike) -> tuple[int, ...]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"source image not found: {path}")
-    if not _is_nifti(path):
+    if not is_nifti(path):
         raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     try:
         image = nib.load(str(path))
@@ -103,7 +117,7 @@ def source_datalist(
         folder = Path(input_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"input_dir not found: {folder}")
-        items = [{"image": str(p)} for p in sorted(folder.iterdir()) if p.is_file() and _is_nifti(p)]
+        items = [{"image": str(p)} for p in sorted(folder.iterdir()) if p.is_file() and is_nifti(p)]
         if not items:
             raise InputError(f"{folder}: no NIfTI file (.nii / .nii.gz) in this folder")
     else:
@@ -134,7 +148,7 @@ def source_datalist(
 
 
 def _output_name(source: str, postfix: str, stems: Mapping[str, str] | None = None) -> str:
-    stem = stems[source] if stems and source in stems else _stem(Path(source).name)
+    stem = stems[source] if stems and source in stems else nifti_stem(source)
     return f"{stem}_{postfix}.nii.gz"
 
 
@@ -284,6 +298,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def write_torch_atomic(obj, path: str | os.PathLike) -> None:
+    """:func:`write_bytes_atomic` for what ``torch.save`` writes (weights, checkpoints)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 # Published output folders ------------------------------------------------------------------------------------------
 
 OUTPUTS = "outputs"  # the kind of folder (scripts.publishing) that inference and evaluation runs publish
@@ -377,12 +398,8 @@ def output_stems(sources: list[str], listed_as: str = "input") -> dict[str, str]
     duplicates = sorted({str(p) for p in paths if paths.count(p) > 1})
     if duplicates:
         raise InputError(f"{duplicates[0]} is listed twice as {listed_as}; list each file once")
-    stems = [_stem(p.name) for p in paths]
+    stems = [nifti_stem(p) for p in paths]
     if len(set(stems)) == len(stems):
         return {str(p): stem for p, stem in zip(paths, stems, strict=True)}
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
-    return {str(p): str(p.resolve().parent.relative_to(root) / _stem(p.name)) for p in paths}
-
-
-def _stem(name: str) -> str:
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    return {str(p): str(p.resolve().parent.relative_to(root) / nifti_stem(p)) for p in paths}

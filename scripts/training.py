@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 
-from scripts.io import write_bytes_atomic, write_text_atomic
+from scripts.io import write_text_atomic, write_torch_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -212,12 +212,10 @@ class ExportWeights:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not _is_writer():
             return
         network = getattr(self.network, "module", self.network)
-        buffer = io.BytesIO()
-        torch.save(network.state_dict(), buffer)
-        write_bytes_atomic(self.path, buffer.getvalue())
+        write_torch_atomic(network.state_dict(), self.path)
 
 
 def distributed_backend() -> str:
@@ -267,10 +265,8 @@ class SafeCheckpointSaver:
         for name, obj in self.save_dict.items():
             obj = getattr(obj, "module", obj) if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
             state[name] = obj.state_dict()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
         path = self.save_dir / f"checkpoint_epoch_{engine.state.epoch}.pt"
-        write_bytes_atomic(path, buffer.getvalue())
+        write_torch_atomic(state, path)
         torch.load(path, map_location="cpu", weights_only=True)  # raises, keeping the older ones, if unreadable
         for old in checkpoints(self.save_dir)[self.keep :]:
             old.unlink(missing_ok=True)
@@ -404,7 +400,7 @@ class TrainingLog:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not _is_writer():
             return
         state = self.trainer.state
         batch_size = getattr(self.trainer.data_loader, "batch_size", None) or 1

@@ -121,7 +121,6 @@ def test_a_resumed_epoch_is_one_pass_over_the_new_data():
 
 
 def test_checkpoint_saver_writes_through_a_temporary_file_and_keeps_the_last_loadable_one(tmp_path, monkeypatch):
-    from scripts import io as bundle_io
     from scripts.training import SafeCheckpointSaver, checkpoints
 
     network = torch.nn.Linear(2, 1)
@@ -138,13 +137,13 @@ def test_checkpoint_saver_writes_through_a_temporary_file_and_keeps_the_last_loa
         (Path(path).parent / f".{Path(path).name}.xyz.tmp").write_bytes(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("scripts.training.write_bytes_atomic", killed)
+    monkeypatch.setattr("scripts.io.write_bytes_atomic", killed)
     trainer.state.epoch = 3
     with pytest.raises(KeyboardInterrupt):
         saver(trainer)
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_epoch_2.pt"], "the previous one survives"
     torch.load(tmp_path / "checkpoint_epoch_2.pt", weights_only=True)
-    monkeypatch.setattr("scripts.training.write_bytes_atomic", bundle_io.write_bytes_atomic)
+    monkeypatch.undo()
     saver.remove_stale_temporaries()
     saver(trainer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch_3.pt", "notes.txt"]
