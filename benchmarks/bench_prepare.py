@@ -4,7 +4,7 @@ Runs ``python -m monai.bundle run --config_file configs/prepare.json --source <s
 in a fresh process for the ``mni`` default (6 subjects; target < 60 s) and for ``labelmaps`` (all 16 SynthSeg
 label maps of ../shared/data; target < 180 s), prints a table and writes ``benchmarks/results/prepare.json``.
 With ``--figure PATH`` it also draws PDw/T1w/T2w/labels of test slices of both datasets
-(``scripts.data.save_examples_figure``; the docs figure is ``docs/images/simulated_examples.png``).
+(``scripts.prepare.save_examples_figure``; the docs figure is ``docs/images/simulated_examples.png``).
 
     python benchmarks/bench_prepare.py [--figure docs/images/simulated_examples.png] [--keep DIR]
 """
@@ -81,7 +81,7 @@ def main() -> None:
             print(f"{source}: {r['seconds']} s for {r['subjects']} subjects, {r['slices']} slices", flush=True)
         if args.figure is not None:
             sys.path.insert(0, str(BUNDLE_ROOT))
-            from scripts.data import save_examples_figure
+            from scripts.prepare import save_examples_figure
 
             datasets = {s: work / s for s in ("labelmaps", "mni") if s in args.sources}
             rows = {"labelmaps": 3, "mni": 1}

@@ -48,6 +48,7 @@ import numpy as np
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
+from scripts.configs import DEFAULT_METHOD, config_files  # noqa: E402  (DEFAULT_METHOD: metadata's eval_metrics)
 from scripts.io import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 METHOD_LABELS = {
@@ -60,7 +61,6 @@ METHOD_LABELS = {
     "lmi_projection": "LMIDiffusion + projection",
 }
 DEFAULT_METHODS = ["identity", "sdedit", "cyclegan", "stylegan", "lmi_paper", "lmi"]
-DEFAULT_METHOD = "lmi"  # configs/inference.json's `method`: the one metadata.json's eval_metrics describe
 METADATA = BUNDLE_ROOT / "configs" / "metadata.json"
 # Wang et al., PDw -> T1w on real IXI slices at 128 x 128 (their table; not comparable to our simulated data)
 PAPER = {
@@ -343,15 +343,24 @@ def run_method(
 ) -> tuple[dict, str]:
     """Evaluate `method` on `dataset` (default ``args.dataset``) into ``run_dir/method``; the printable command."""
     dataset = args.dataset if dataset is None else dataset
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json"]
-    command += ["--method", method, "--dataset_dir", str(dataset)]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(config_files("evaluate", method)),
+    ]
+    command += ["--dataset_dir", str(dataset)]
     if slices is not None:
         command += ["--num_slices", str(slices)]
     if source_key != "image":
         command += ["--source_key", source_key]
-    command += ["--num_steps", str(args.steps), "--sdedit_start", str(args.sdedit_start)]
-    command += ["--num_samples", str(args.num_samples)]
-    command += ["--stylegan_steps", str(args.stylegan_steps), "--seed", str(args.seed)]
+    command += ["--num_steps", str(args.steps), "--num_samples", str(args.num_samples), "--seed", str(args.seed)]
+    command += {
+        "sdedit": ["--sdedit_start", str(args.sdedit_start)],
+        "stylegan": ["--stylegan_steps", str(args.stylegan_steps)],
+    }.get(method, [])
     command += ["--output_dir", str(run_dir), "--save_outputs", "True"]
     shown = {str(dataset): shown_dataset or portable(dataset), str(run_dir): "<run_dir>"}
     printable = shlex.join(["python", *[shown.get(part, part) for part in command[1:]]])
@@ -716,9 +725,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", type=Path, default=BUNDLE_ROOT / "data" / "labelmaps")
     parser.add_argument("--slices", type=int, default=40)
     shipped = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())  # the shipped sampling settings
+    sdedit = json.loads((BUNDLE_ROOT / "configs" / "methods" / "sdedit.json").read_text())
+    stylegan = json.loads((BUNDLE_ROOT / "configs" / "methods" / "stylegan.json").read_text())
     parser.add_argument("--steps", type=int, default=shipped["num_steps"])
-    parser.add_argument("--stylegan-steps", type=int, default=200)
-    parser.add_argument("--sdedit-start", type=int, default=shipped["sdedit_start"])
+    parser.add_argument("--stylegan-steps", type=int, default=stylegan["stylegan_steps"])
+    parser.add_argument("--sdedit-start", type=int, default=sdedit["sdedit_start"])
     parser.add_argument("--num-samples", type=int, default=shipped["num_samples"], help="samples averaged per slice")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))

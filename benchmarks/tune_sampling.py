@@ -1,12 +1,12 @@
 """Choose the default translator's sampling settings on validation data (never the test subjects).
 
-Runs ``configs/evaluate.json --method lmi`` on PDw slices of the *training* subjects of ``--dataset`` (their source
-images never reach training; only their T1w do; ``scripts.training.paired_training_slices`` pairs each with its T1w,
-labels and mask) for each combination of DDIM steps, DDIM ``eta``, ``guidance_scale`` and ``guidance_every`` in the
-grid, with the same seed, and prints Dice / PSNR / SSIM / seconds per slice; writes
-``benchmarks/results/sampling_<method>.json``. ``--method sdedit`` instead searches SDEdit's start timestep
-(``--starts``) and steps with the same network. The setting with the best mean Dice (ties: SSIM) is the one to put in
-``configs/inference.json``.
+Runs the evaluation workflow (``scripts.configs.config_files("evaluate", method)``) on PDw slices of the *training*
+subjects of ``--dataset`` (their source images never reach training; only their T1w do;
+``scripts.training.paired_training_slices`` pairs each with its T1w, labels and mask) for each combination of DDIM
+steps, DDIM ``eta``, ``guidance_scale`` and ``guidance_every`` in the grid, with the same seed, and prints Dice /
+PSNR / SSIM / seconds per slice; writes ``benchmarks/results/sampling_<method>.json``. ``--method sdedit`` instead
+searches SDEdit's start timestep (``--starts``) and steps with the same network. The setting with the best mean Dice
+(ties: SSIM) is the one to put in ``configs/inference.json`` (``configs/methods/sdedit.json`` for SDEdit's start).
 
     python benchmarks/tune_sampling.py [--dataset data/labelmaps] [--slices 24] [--steps 10,20,40] [--etas 0,1]
         [--scales 0,0.05] [--every 1,2]
@@ -29,6 +29,7 @@ from pathlib import Path
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
+from scripts.configs import config_files  # noqa: E402
 from scripts.io import write_text_atomic  # noqa: E402
 from scripts.training import paired_training_slices  # noqa: E402
 
@@ -41,8 +42,8 @@ def read_mean(folder: Path, metric: str) -> float:
 
 def evaluate(method: str, model: Path, dataset: Path, slices: int, setting: dict, seed: int, work: Path) -> dict:
     command = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
-        "--method", method, "--model_path", str(model), "--dataset_dir", str(dataset), "--num_slices", str(slices),
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(config_files("evaluate", method)),
+        "--model_path", str(model), "--dataset_dir", str(dataset), "--num_slices", str(slices),
         "--num_steps", str(setting["num_steps"]), "--eta", str(setting["eta"]),
         "--num_samples", str(setting.get("num_samples", 1)),
         "--guidance_scale", str(setting["guidance_scale"]), "--guidance_every", str(setting["guidance_every"]),

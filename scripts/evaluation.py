@@ -33,7 +33,6 @@ __all__ = [
     "IdentityInferer",
     "TimedInferer",
     "load_evaluation_datalist",
-    "select_method",
 ]
 
 EVALUATION_KEYS = ("image", "target", "label", "mask")
@@ -138,19 +137,18 @@ def load_evaluation_datalist(
     return resolved
 
 
-def select_method(method: str, options: dict):
-    """`options[method]`, or a clear error listing the methods this bundle has."""
-    if method not in options:
-        raise InputError(f"unknown method '{method}'; choose one of {sorted(options)}.")
-    return options[method]
-
-
 class IdentityInferer(Inferer):
     """The untranslated source image (already scaled to [0, 1] by the preprocessing): the floor of the comparison."""
+
+    method_names = ("identity",)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module | None = None, *args, **kwargs) -> torch.Tensor:
         validate_source(inputs)
         return inputs.clone().clamp(0.0, 1.0)
+
+    def translate(self, inputs: torch.Tensor, network: torch.nn.Module | None = None) -> torch.Tensor:
+        """The 2D translation ``SliceWiseInferer`` calls, so the floor also runs through the inference workflow."""
+        return self(inputs, network)
 
 
 class TimedInferer(Inferer):

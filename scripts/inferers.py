@@ -18,6 +18,7 @@ projection is on).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from monai.utils import convert_to_dst_type, convert_to_tensor
 from tqdm import tqdm
 
+from scripts.configs import DEFAULT_METHOD, available_methods
 from scripts.diffusion import (
     LMIConditioner,
     from_model_space,
@@ -44,8 +46,9 @@ __all__ = [
     "LMIGuidedInferer",
     "SDEditInferer",
     "SliceWiseInferer",
-    "check_sampling_settings",
-    "select_inferer",
+    "check_method",
+    "check_num_steps",
+    "check_sdedit_start",
     "validate_source",
 ]
 
@@ -140,6 +143,11 @@ class LMIGuidedInferer(DiffusionInferer):
         self.mask_background = mask_background
         self.seed = int(seed)
         self.progress = progress
+
+    @property
+    def method_names(self) -> tuple[str, ...]:
+        """The methods (configs/methods/*.json) this inferer implements, checked by :func:`check_method`."""
+        return ("lmi_projection",) if self.projection is not None else (DEFAULT_METHOD, "lmi_paper")
 
     # ----------------------------------------------------------------------------------------------- training
     def __call__(  # type: ignore[override]
@@ -298,6 +306,10 @@ class SDEditInferer(LMIGuidedInferer):
             raise ValueError(f"start_timestep must be in (0, {scheduler.num_train_timesteps}), got {start_timestep}.")
         self.start_timestep = int(start_timestep)
 
+    @property
+    def method_names(self) -> tuple[str, ...]:
+        return ("sdedit",)
+
     def start(
         self, source: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,20 +387,31 @@ class SliceWiseInferer(Inferer):
         return convert_to_dst_type(output, inputs)[0]
 
 
-def check_sampling_settings(
-    method: str, methods: Sequence[str], num_steps: int, sdedit_start: int, num_train_timesteps: int
-) -> None:
-    """The command-line sampling settings, checked before any network is built, each with one clear error."""
-    if method not in methods:
-        raise ValueError(f"unknown method '{method}'; choose one of {sorted(methods)}")
+def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
+    """The number of reverse steps, checked before any network is built."""
     if not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be a whole number in 1-{num_train_timesteps}, got {num_steps!r}")
+
+
+def check_sdedit_start(sdedit_start: int, num_train_timesteps: int) -> None:
+    """SDEdit's start timestep (configs/methods/sdedit.json), checked before any network is built."""
     if not isinstance(sdedit_start, int) or not 0 < sdedit_start < num_train_timesteps:
         raise ValueError(f"sdedit_start must be a timestep in 1-{num_train_timesteps - 1}, got {sdedit_start!r}")
 
 
-def select_inferer(method: str, inferers: dict) -> Inferer:
-    """The inferer registered under `method`, with an error listing the valid names."""
-    if method not in inferers:
-        raise ValueError(f"unknown method '{method}'; choose one of {sorted(inferers)}.")
-    return inferers[method]
+def check_method(method: str, translator: Inferer, bundle_root: str | os.PathLike) -> None:
+    """`method` names the translator the composed configs build.
+
+    A method is chosen by adding its override file ``configs/methods/<method>.json`` to ``--config_file``; the base
+    configs are the default method. ``--method`` alone would only relabel the outputs, so it is refused unless the
+    composed translator implements that method (its ``method_names``).
+    """
+    available = available_methods(bundle_root)
+    if method not in available:
+        raise ValueError(f"unknown method '{method}'; choose one of {available}")
+    names = tuple(getattr(translator, "method_names", ()))
+    if method not in names:
+        raise ValueError(
+            f"method '{method}' is set but the configs build {type(translator).__name__} ({', '.join(names) or '?'}); "
+            f"choose a method by adding configs/methods/{method}.json to --config_file, not by --method"
+        )

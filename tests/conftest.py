@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import BUNDLE_ROOT, bundle_run, save_slice, train_overrides
+from helpers import BUNDLE_ROOT, TRAIN, bundle_run, save_slice, train_overrides
 from phantoms import phantom
 
 SHARED_DIR = BUNDLE_ROOT.parent / "shared"
@@ -99,5 +99,5 @@ def tiny_model(tiny_dataset, tmp_path_factory) -> Path:
     """The tiny translator (helpers.TINY) trained one epoch on `tiny_dataset` through configs/train.json, once per
     session: the weights every inference test translates with."""
     models = tmp_path_factory.mktemp("tiny_models")
-    bundle_run("configs/train.json", *train_overrides(tiny_dataset, models, epochs=1), "--val_interval", "100")
+    bundle_run(TRAIN, *train_overrides(tiny_dataset, models, epochs=1), "--val_interval", "100")
     return models / "model.pt"

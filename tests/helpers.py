@@ -16,7 +16,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from scripts.configs import config_files
+
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+# The --config_file lists of the workflows the tests run (scripts.configs composes them)
+INFERENCE = config_files("inference")
+EVALUATE = config_files("evaluate")
+TRAIN = config_files("train")
 
 # 2 mm voxels: the geometry of the synthetic slices the datasets of the tests are made of
 SLICE_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -46,18 +53,25 @@ def bundle_command(config: str | list[str], *overrides: str, torchrun: int = 0) 
 
 
 def bundle_run(
-    config: str | list[str], *overrides: str, torchrun: int = 0, check: bool = True, timeout: float = 600
+    config: str | list[str],
+    *overrides: str,
+    torchrun: int = 0,
+    check: bool = True,
+    timeout: float = 600,
+    cwd: Path = BUNDLE_ROOT,
 ) -> subprocess.CompletedProcess:
-    """Run a bundle config in a fresh process from the bundle root, as a user would. With `check`, a non-zero exit
-    status fails the test with the command and the tails of its output."""
+    """Run a bundle config in a fresh process from `cwd` (the bundle root by default), as a user would. With `check`,
+    a non-zero exit status fails the test with the command and the tails of its output."""
     command = bundle_command(config, *overrides, torchrun=torchrun)
-    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, env=bundle_env(), timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=bundle_env(), timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
-def sigterm_once_staging(config: str, *overrides: str, staging: Path, pattern: str, wait: float = 0.0) -> tuple:
+def sigterm_once_staging(
+    config: str | list[str], *overrides: str, staging: Path, pattern: str, wait: float = 0.0
+) -> tuple:
     """Start a bundle run, send it SIGTERM once its staging folder (`pattern` in `staging`) exists (and `wait` more
     seconds have passed), and return its exit status and stderr."""
     process = subprocess.Popen(
@@ -89,11 +103,11 @@ TINY = [
     "--model_size", "[32, 32]",
     "--image_size", "[32, 32]",
 ]  # fmt: skip
-# The same for the paper's recipe (configs/train_lmi_paper.json, method lmi_paper), which has its own network.
+# The same for the paper's recipe (configs/methods/lmi_paper.json), which has its own network.
 TINY_PAPER_NETWORK = {
     "_target_": "DiffusionModelUNet",
     "spatial_dims": 2,
-    "in_channels": "$1 + @paper_conditioner.num_channels",
+    "in_channels": "$1 + @conditioner.num_channels",
     "out_channels": 1,
     "channels": [8, 8],
     "attention_levels": [False, False],
@@ -102,9 +116,9 @@ TINY_PAPER_NETWORK = {
     "norm_num_groups": 8,
 }
 TINY_PAPER = [
-    "--paper_network_def",
+    "--network_def",
     json.dumps(TINY_PAPER_NETWORK),
-    "--paper_model_size",
+    "--model_size",
     "[16, 16]",
     "--image_size",
     "[32, 32]",
@@ -116,7 +130,8 @@ TINY_IXI = {"spatial_size": (32, 32), "fov_mm": 192.0, "slice_step_mm": 8.0, "ma
 
 
 def train_overrides(dataset: Path, models: Path, epochs: int, tiny: list[str] = TINY) -> list[str]:
-    """configs/train.json (or train_lmi_paper.json with `tiny=TINY_PAPER`) on the tiny dataset, into `models`."""
+    """The training workflow (``config_files("train")``, or ``"train_lmi_paper"`` with `tiny=TINY_PAPER`) on the tiny
+    dataset, into `models`."""
     return tiny + [
         "--dataset_dir", str(dataset),
         "--ckpt_dir", str(models),
@@ -130,5 +145,5 @@ def train_overrides(dataset: Path, models: Path, epochs: int, tiny: list[str] = 
 
 
 def infer_overrides(model: Path, output: Path, *extra: str) -> list[str]:
-    """configs/inference.json with the tiny network's weights `model`, two sampling steps, into `output`."""
+    """The inference workflow with the tiny network's weights `model`, two sampling steps, into `output`."""
     return TINY + ["--model_path", str(model), "--output_dir", str(output), "--num_steps", "2", *extra]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import yaml
 from helpers import BUNDLE_ROOT
 from monai.bundle import ConfigParser
+
+from scripts.configs import DEFAULT_METHOD, TRAINED_METHOD, WORKFLOWS, available_methods, config_files
 
 CONFIGS = BUNDLE_ROOT / "configs"
 
@@ -94,22 +97,48 @@ def test_requirements_pin_the_same_versions(metadata):
         assert pins[package.lower()] == pinned
 
 
-# Override files are only meaningful merged onto the config they extend, as the bundle runner merges them.
-OVERRIDES = {"multi_gpu_train.json": "train.json", "prepare_second_physics.json": "prepare.json"}
+# Configs composed by scripts.configs (a base, a method override, a workflow override) are parsed the way the runner
+# merges them; the data-preparation ones stand alone or override prepare.json.
+COMPOSED = (
+    [(workflow, None) for workflow in WORKFLOWS]
+    + [("evaluate", method) for method in available_methods(BUNDLE_ROOT)]
+    + [("inference", method) for method in available_methods(BUNDLE_ROOT)]
+)
+STANDALONE = {"prepare.json": [], "prepare_second_physics.json": ["prepare.json"], "fit_segmenter.json": [],
+              "make_demo.json": [], "metadata.json": []}  # fmt: skip
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.json")))
-def test_every_config_parses(config):
+def _composed(workflow: str, method: str | None) -> ConfigParser:
     parser = ConfigParser()
-    files = [CONFIGS / OVERRIDES[config], CONFIGS / config] if config in OVERRIDES else [CONFIGS / config]
-    parser.read_config(files)
-    assert parser.get() is not None
+    parser.read_config([BUNDLE_ROOT / f for f in config_files(workflow, method)])
+    return parser
+
+
+def test_every_config_file_is_composed_or_stands_alone():
+    composed = {Path(f).name for workflow, method in COMPOSED for f in config_files(workflow, method)}
+    on_disk = {p.name for p in CONFIGS.glob("*.json")} | {p.name for p in (CONFIGS / "methods").glob("*.json")}
+    assert on_disk == composed | set(STANDALONE), (
+        f"configs neither composed nor standalone: {on_disk ^ (composed | set(STANDALONE))}"
+    )
+
+
+@pytest.mark.parametrize("workflow, method", COMPOSED)
+def test_every_workflow_composes_with_every_method(workflow, method):
+    parser = _composed(workflow, method)
+    assert parser["method"] == (method or TRAINED_METHOD.get(workflow, DEFAULT_METHOD))
+    assert "%configs/" not in json.dumps(parser.get()), "cross-file macros resolve against the working directory"
+    for key in ("network_def", "translator", "initialize", "run"):
+        assert key in parser, f"{workflow} with {method}: no '{key}'"
+
+
+@pytest.mark.parametrize("config", sorted(STANDALONE))
+def test_standalone_configs_parse(config):
+    parser = ConfigParser()
+    parser.read_config([CONFIGS / f for f in [*STANDALONE[config], config]])
+    assert parser.get()
     if config == "prepare_second_physics.json":
-        assert parser["simulator#_target_"] == "scripts.simulation.MRSimulator"
+        assert parser["simulator#_target_"] == "scripts.prepare.MRSimulator"
         assert parser["simulator#field_strength"] == 3.0 and parser["source"] == "labelmaps"
-    elif config in OVERRIDES:
-        assert parser["train#sampler"]["_target_"] == "DistributedSampler"
-        assert parser["train#dataloader#sampler"] == "@train#sampler"
 
 
 def test_large_files_are_listed_with_their_hash():
@@ -128,32 +157,25 @@ def test_docs_name_every_data_source():
         assert source in text
 
 
-SHARED_SETTINGS = {
-    # setting: the workflows that use it; each must resolve to the same value in all of them
-    "num_steps": ["inference", "evaluate"],
-    "sdedit_start": ["inference", "evaluate"],
-    "guidance_scale": ["inference", "evaluate"],
-    "guidance_every": ["inference", "evaluate"],
-    "eta": ["inference", "evaluate"],
-    "image_size": ["inference", "evaluate", "train"],
-    "model_size": ["inference", "evaluate", "train"],
-    "prediction_type": ["inference", "evaluate", "train"],
-    "lmi_bins": ["inference", "evaluate", "train"],
-    "lmi_sigma": ["inference", "evaluate", "train"],
-    "network_def": ["inference", "evaluate", "train"],
-    "conditioner": ["inference", "evaluate", "train"],
-    "sampling_scheduler": ["inference", "evaluate"],
-}
+SHARED_SETTINGS = [
+    "num_steps", "guidance_scale", "guidance_every", "eta", "num_samples", "image_size", "model_size",
+    "prediction_type", "lmi_bins", "lmi_sigma", "network_def", "conditioner", "noise_scheduler", "sampling_scheduler",
+    "translator", "paired_preprocessing",
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("setting", sorted(SHARED_SETTINGS))
+@pytest.mark.parametrize("setting", SHARED_SETTINGS)
 def test_workflows_agree_on_every_shared_setting(setting):
-    """A setting two workflows share must have one value: the evaluation measures what inference ships."""
-    values = {}
-    for name in SHARED_SETTINGS[setting]:
-        parser = ConfigParser()
-        parser.read_config(BUNDLE_ROOT / "configs" / f"{name}.json")
-        parser.resolve_macro_and_relative_ids()
-        values[name] = parser.get(setting)
-    first = next(iter(values.values()))
-    assert all(value == first for value in values.values()), f"{setting} differs between workflows: {values}"
+    """A setting two workflows share has one home, the base (or the method's override): the evaluation measures what
+    inference ships and training validates the network it trains. No workflow override may redefine it."""
+    for override in {f for files in WORKFLOWS.values() for f in files}:
+        keys = ConfigParser.load_config_file(BUNDLE_ROOT / override)
+        assert setting not in keys and f"+{setting}" not in keys, f"{override} redefines the shared '{setting}'"
+    for method in available_methods(BUNDLE_ROOT):
+        values = {"inference": _composed("inference", method).get(setting)}
+        values["evaluate"] = _composed("evaluate", method).get(setting)
+        trainer = "train" if method == DEFAULT_METHOD else f"train_{method}"
+        if trainer in WORKFLOWS:
+            values[trainer] = _composed(trainer, None).get(setting)
+        first = values["inference"]
+        assert all(value == first for value in values.values()), f"{setting} differs between workflows: {values}"

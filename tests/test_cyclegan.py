@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader, MetaTensor
 from phantoms import phantom
 
-from scripts.cyclegan import (
+from scripts.baselines.cyclegan import (
     CycleGANInferer,
     CycleGANTrainer,
     ImagePool,
@@ -24,6 +24,7 @@ from scripts.cyclegan import (
     load_source_subset,
     select_source_subset,
 )
+from scripts.configs import config_files
 from scripts.inferers import SliceWiseInferer
 from scripts.training import load_weights
 
@@ -49,7 +50,7 @@ COUNTS = {f"sub-{i:02d}": 50 + 3 * i for i in range(1, 13)}
 
 def test_source_subset_takes_whole_subjects_and_exactly_the_fraction(caplog):
     entries = _entries(COUNTS)
-    with caplog.at_level(logging.INFO, logger="scripts.cyclegan"):
+    with caplog.at_level(logging.INFO, logger="scripts.baselines.cyclegan"):
         subset = select_source_subset(entries, fraction=0.11, seed=0)
     assert len(subset) == round(0.11 * len(entries))
     assert all(any(e is s for e in entries) for s in subset), "entries are returned as given, not rebuilt"
@@ -255,7 +256,7 @@ def _overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
 @pytest.mark.slow
 def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_path):
     models = tmp_path / "models"
-    first = bundle_run("configs/train_cyclegan.json", *_overrides(cyclegan_dataset, models, epochs=1))
+    first = bundle_run(config_files("train_cyclegan"), *_overrides(cyclegan_dataset, models, epochs=1))
     log = first.stdout + first.stderr
     assert "no checkpoint in" in log and "source subset: 3 of 6" in log
     assert "g_loss" in log and "cycle_loss" in log, "the losses are logged"
@@ -270,7 +271,7 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
     }
     weights = torch.load(models / "cyclegan_generator.pt", weights_only=True)
 
-    second = bundle_run("configs/train_cyclegan.json", *_overrides(cyclegan_dataset, models, epochs=2))
+    second = bundle_run(config_files("train_cyclegan"), *_overrides(cyclegan_dataset, models, epochs=2))
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
     resumed = models / "checkpoints_cyclegan" / "checkpoint_epoch_2.pt"
@@ -280,11 +281,11 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
     updated = torch.load(models / "cyclegan_generator.pt", weights_only=True)
     assert any(not torch.equal(weights[k], updated[k]) for k in weights), "resumed training must update G"
 
-    # What an evaluation config does: rebuild generator_def, load the exported weights, translate.
+    # What the method's override does in evaluation and inference: rebuild network_def, load the exported weights.
     parser = ConfigParser()
-    parser.read_config(BUNDLE_ROOT / "configs" / "train_cyclegan.json")
+    parser.read_config([BUNDLE_ROOT / f for f in config_files("evaluate", "cyclegan")])
     parser.update({k[2:]: json.loads(v) for k, v in zip(TINY[::2], TINY[1::2], strict=True)})
-    network = load_weights(parser.get_parsed_content("generator_def"), models / "cyclegan_generator.pt")
+    network = load_weights(parser.get_parsed_content("network_def"), models / "cyclegan_generator.pt")
     inferer = parser.get_parsed_content("inferer")
     out = inferer(phantom(48), network)
     assert out.shape == (1, 1, 48, 48) and 0 <= out.min() and out.max() <= 1 and out.std() > 0

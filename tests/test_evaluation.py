@@ -12,11 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLE_ROOT, bundle_run, ended_pid, save_slice, sigterm_once_staging
+from helpers import BUNDLE_ROOT, EVALUATE, bundle_run, ended_pid, save_slice, sigterm_once_staging
 from ignite.engine import Engine
 from monai.metrics import PSNRMetric, SSIMMetric
 from phantoms import phantom
 
+from scripts.configs import config_files
 from scripts.evaluation import TimedInferer
 from scripts.io import PublishOutputs
 from scripts.publishing import MARKER, new_staging_dir, write_marker
@@ -60,10 +61,10 @@ def grid_dataset(tmp_path_factory) -> Path:
     return _paired_dataset(tmp_path_factory.mktemp("grid_dataset"), 128, 2)
 
 
-def evaluate(dataset: Path, output: Path, *extra: str, check: bool = True):
-    return bundle_run(
-        "configs/evaluate.json", "--dataset_dir", str(dataset), "--output_dir", str(output), *SIZE, *extra, check=check
-    )
+def evaluate(dataset: Path, output: Path, *extra: str, method: str = "lmi", check: bool = True):
+    """The evaluation workflow of `method` (its configs/methods/ override composed in) on `dataset`."""
+    overrides = ["--dataset_dir", str(dataset), "--output_dir", str(output), *SIZE, *extra]
+    return bundle_run(config_files("evaluate", method), *overrides, check=check)
 
 
 def read_metrics(folder: Path) -> dict[str, float]:
@@ -85,7 +86,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_identity_metrics_match_the_protocol_computed_by_hand(eval_dataset, tmp_path):
-    evaluate(eval_dataset, tmp_path, "--method", "identity", "--save_outputs", "True")
+    evaluate(eval_dataset, tmp_path, "--save_outputs", "True", method="identity")
     folder = tmp_path / "identity"
     metrics = read_metrics(folder)
     assert not list(tmp_path.glob(".*")), "the work folder is renamed on completion"
@@ -127,7 +128,7 @@ def test_the_target_as_source_reproduces_the_oracle(eval_dataset, tmp_path):
         entry["image"] = entry["target"]
     path = tmp_path / "target_as_source.json"
     path.write_text(json.dumps(datalist))
-    evaluate(eval_dataset, tmp_path / "out", "--method", "identity", "--datalist", str(path))
+    evaluate(eval_dataset, tmp_path / "out", "--datalist", str(path), method="identity")
     metrics = read_metrics(tmp_path / "out" / "identity")
     assert metrics["dice_vs_oracle"] == pytest.approx(1.0)
     assert metrics["dice"] == pytest.approx(metrics["oracle_dice"])
@@ -137,7 +138,7 @@ def test_the_target_as_source_reproduces_the_oracle(eval_dataset, tmp_path):
 @pytest.mark.slow
 def test_source_key_t2_translates_the_t2_slice_of_each_entry(eval_dataset, tmp_path):
     """`--source_key t2`: the evaluator reads the entry's T2w slice as the source (identity: its output is the T2w)."""
-    evaluate(eval_dataset, tmp_path, "--method", "identity", "--source_key", "t2", "--save_outputs", "True")
+    evaluate(eval_dataset, tmp_path, "--source_key", "t2", "--save_outputs", "True", method="identity")
     folder = tmp_path / "identity"
     metrics = read_metrics(folder)
     entries = json.loads((eval_dataset / "datalist.json").read_text())["testing"]
@@ -177,10 +178,10 @@ def test_load_evaluation_datalist_validates_the_source_key(eval_dataset, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lmi", "sdedit", "cyclegan", "stylegan"])
+@pytest.mark.parametrize("method", ["lmi", "lmi_paper", "lmi_projection", "sdedit", "cyclegan", "stylegan"])
 def test_every_method_runs_inside_the_evaluator_with_the_shipped_weights(eval_dataset, tmp_path, method):
     steps = ["--num_steps", "2", "--stylegan_steps", "2", "--num_slices", "2"]
-    evaluate(eval_dataset, tmp_path, "--method", method, *steps)
+    evaluate(eval_dataset, tmp_path, *steps, method=method)
     metrics = read_metrics(tmp_path / method)
     assert {"ssim", "psnr", "dice", "dice_vs_oracle", "oracle_dice", "seconds_per_slice"} <= set(metrics)
     assert all(np.isfinite(v) for v in metrics.values())
@@ -236,15 +237,16 @@ def test_bad_input_gives_one_clear_line_and_leaves_earlier_results_alone(eval_da
     (output / "identity").mkdir(parents=True)
     (output / "identity" / "metrics.csv").write_text("ssim,0.5\n")  # an earlier run's results
     write_marker(output / "identity", "outputs", ["metrics.csv"])
+    method = "sdedit" if case in ("zero steps", "start past the schedule") else "identity"
     if case == "unknown method":
         extra = ["--method", "pix2pix"]
     elif case == "zero steps":
-        extra = ["--method", "sdedit", "--num_steps", "0"]
+        extra = ["--num_steps", "0"]
     elif case == "start past the schedule":
-        extra = ["--method", "sdedit", "--sdedit_start", "5000"]
+        extra = ["--sdedit_start", "5000"]
     else:
-        extra = ["--method", "identity", "--datalist", str(_bad_datalist(eval_dataset, tmp_path, case))]
-    result = evaluate(eval_dataset, output, *extra, check=False)
+        extra = ["--datalist", str(_bad_datalist(eval_dataset, tmp_path, case))]
+    result = evaluate(eval_dataset, output, *extra, method=method, check=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     if case not in ("unknown method", "zero steps", "start past the schedule"):
@@ -308,9 +310,9 @@ def test_publish_outputs_never_replaces_a_folder_holding_other_files(tmp_path, f
 @pytest.mark.slow
 def test_sigterm_during_evaluation_publishes_nothing_and_leaves_no_staging_folder(eval_dataset, tmp_path):
     output = tmp_path / "out"
-    overrides = ["--dataset_dir", str(eval_dataset), "--output_dir", str(output), *SIZE, "--method", "lmi"]
+    overrides = ["--dataset_dir", str(eval_dataset), "--output_dir", str(output), *SIZE]
     overrides += ["--num_steps", "400"]  # long enough to be interrupted
-    returncode, stderr = sigterm_once_staging("configs/evaluate.json", *overrides, staging=output, pattern=".lmi.tmp-*")
+    returncode, stderr = sigterm_once_staging(EVALUATE, *overrides, staging=output, pattern=".lmi.tmp-*")
     assert returncode == 1 and "terminated by SIGTERM" in stderr
     assert not list(output.glob(".*")) and not (output / "lmi").exists()
 
@@ -493,7 +495,7 @@ def test_saved_outputs_of_a_source_off_the_evaluation_grid_keep_the_grid_geometr
     """A 48 x 48 source evaluated on the 32 x 32 grid: the saved translation is that grid, with its own affine."""
     (tmp_path / "data48").mkdir()
     dataset = _paired_dataset(tmp_path / "data48", 48, 1)
-    evaluate(dataset, tmp_path / "out", "--method", "identity", "--save_outputs", "True")
+    evaluate(dataset, tmp_path / "out", "--save_outputs", "True", method="identity")
     saved = nib.load(str(tmp_path / "out" / "identity" / "images" / "case0_PDw_to_t1w_identity.nii.gz"))
     assert saved.shape[:2] == (32, 32)
     assert np.allclose(np.abs(np.diag(saved.affine))[:2], 2.0 * 48 / 32), "the pixel size follows the resampling"

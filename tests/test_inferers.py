@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import BUNDLE_ROOT
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.networks.nets import DiffusionModelUNet
@@ -18,7 +19,7 @@ from scripts.diffusion import (
     model_output_from_x0,
     x0_from_model_output,
 )
-from scripts.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, select_inferer, validate_source
+from scripts.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, check_method, validate_source
 from scripts.projection import LocalConditionalMean
 from scripts.transforms import head_mask
 
@@ -126,13 +127,18 @@ def test_inferers_work_inside_a_supervised_evaluator(conditioner, network, metho
         device=torch.device("cpu"),
         val_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
         network=network,
-        inferer=SliceWiseInferer(select_inferer(method, inferers), image_size=(32, 32), progress=False),
+        inferer=SliceWiseInferer(inferers[method], image_size=(32, 32), progress=False),
     )
     evaluator.run()
     preds = evaluator.state.output
     assert len(preds) == 2 and all(p["pred"].shape == (1, 32, 32) for p in preds)
-    with pytest.raises(ValueError, match="unknown method 'cyclegan'"):
-        select_inferer("cyclegan", inferers)
+    implemented = "lmi_projection" if method == "lmi" else method  # this "lmi" inferer projects its x0 estimates
+    check_method(implemented, inferers[method], BUNDLE_ROOT)  # each inferer implements the method it is composed for
+    other = "sdedit" if method == "lmi" else "lmi"
+    with pytest.raises(ValueError, match=f"adding configs/methods/{other}.json to --config_file"):
+        check_method(other, inferers[method], BUNDLE_ROOT)
+    with pytest.raises(ValueError, match="unknown method 'pix2pix'"):
+        check_method("pix2pix", inferers[method], BUNDLE_ROOT)
 
 
 def test_volumes_are_translated_slice_by_slice(conditioner, network):

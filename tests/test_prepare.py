@@ -9,26 +9,44 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import bundle_run
+from helpers import BUNDLE_ROOT, bundle_run
+from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImage
 
-from scripts.data import (
+from scripts.prepare import (
     DataPreparationError,
     DatasetPreparer,
     InputNotFoundError,
+    IXISource,
+    LabelMapSource,
+    MNISource,
     prepare_dataset,
 )
 
 TINY = {"spatial_size": (32, 32), "fov_mm": 96.0, "slice_step_mm": 4.0, "max_slices_per_subject": 3}
-TINY_MNI = {"spatial_size": (64, 64), "max_slices_per_subject": 3, "mni": {"num_training": 2, "num_testing": 1}}
+TINY_MNI = {"spatial_size": (64, 64), "max_slices_per_subject": 3}
 TEST_KEYS = {"image", "target", "t2", "label", "mask", "subject", "slice"}
+
+
+def _mni(out, **kw) -> DatasetPreparer:
+    return DatasetPreparer(MNISource(num_training=2, num_testing=1), out, **{**TINY_MNI, **kw})
+
+
+def _config_preparer(**overrides) -> DatasetPreparer:
+    """The preparer of configs/prepare.json, as ``monai.bundle run`` builds it, with `overrides` (``--key value``)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "prepare.json"))
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser.get_parsed_content("preparer")
 
 
 @pytest.fixture(scope="module")
 def mni_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mni") / "dataset"
-    return DatasetPreparer("mni", out, seed=0, **TINY_MNI).run()
+    return _mni(out, seed=0).run()
 
 
 @pytest.fixture
@@ -42,8 +60,8 @@ def labelmap_dir(tmp_path, label_map_factory) -> Path:
 
 
 def _labelmaps(directory, out, training=("01", "02"), testing=("03",), **kw):
-    opts = {"directory": str(directory), "training": list(training), "testing": list(testing)}
-    return DatasetPreparer("labelmaps", out, labelmaps=opts, **{**TINY, **kw})
+    source = LabelMapSource(directory=str(directory), training=list(training), testing=list(testing))
+    return DatasetPreparer(source, out, **{**TINY, **kw})
 
 
 def test_datalist_schema_and_splits(mni_dataset):
@@ -121,9 +139,9 @@ def test_labelmap_affines_match_volume(tmp_path, labelmap_dir):
 
 
 def test_determinism_and_seeds(tmp_path):
-    a = DatasetPreparer("mni", tmp_path / "a", seed=3, **TINY_MNI)
-    b = DatasetPreparer("mni", tmp_path / "b", seed=3, **TINY_MNI)
-    c = DatasetPreparer("mni", tmp_path / "c", seed=4, **TINY_MNI)
+    a = _mni(tmp_path / "a", seed=3)
+    b = _mni(tmp_path / "b", seed=3)
+    c = _mni(tmp_path / "c", seed=4)
     ra, rb, rc = (p.source.prepare("sub-02", p) for p in (a, b, c))
     for k in ("PDw", "T1w", "T2w"):
         assert np.array_equal(ra.images[k], rb.images[k])
@@ -223,40 +241,58 @@ def test_bad_labelmap_input(tmp_path, label_map_factory, case, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "overrides, match",
     [
         ({"source": "brainweb"}, "source 'brainweb' is not one of: mni, labelmaps, ixi"),
         ({"spatial_size": [64]}, "spatial_size"),
         ({"min_brain_fraction": 2}, "min_brain_fraction"),
-        ({"mni": {"num_training": 0}}, "num_training"),
-        ({"mni": {"bogus": 1}}, "bogus"),
+        ({"mni#num_training": 0}, "num_training"),
+        ({"mni#bogus": 1}, "mni options: .*bogus"),
+        ({"mni": {"num_training": 2}}, "source 'mni': expected a Source or a callable that builds one"),
     ],
 )
-def test_bad_arguments(tmp_path, kwargs, match):
-    kw = {"source": "mni", "dataset_dir": tmp_path / "ds", **kwargs}
-    with pytest.raises(DataPreparationError, match=match):
-        DatasetPreparer(**kw).run()
+def test_bad_arguments(tmp_path, overrides, match):
+    """Bad arguments in configs/prepare.json (as ``--key value`` sets them) fail at ``run``, in one line."""
+    preparer = _config_preparer(dataset_dir=str(tmp_path / "ds"), **overrides)
+    with pytest.raises(DataPreparationError, match=match) as err:
+        preparer.run()
+    assert "\n" not in str(err.value)
     assert not (tmp_path / "ds").exists()
+
+
+def test_sources_are_config_targets(tmp_path):
+    """configs/prepare.json picks the source by name among ``_target_`` entries, built only when used."""
+    missing = tmp_path / "maps"
+    overrides = {"source": "labelmaps", "dataset_dir": str(tmp_path / "ds"), "labelmaps#directory": str(missing)}
+    preparer = _config_preparer(**overrides)
+    assert list(preparer.sources) == ["mni", "labelmaps", "ixi"] and preparer.source_name == "labelmaps"
+    with pytest.raises(InputNotFoundError, match=f"label map directory {missing}: directory does not exist"):
+        preparer.run()
+    assert not (tmp_path / "ds").exists()
+    preparer = _config_preparer(**{"mni#num_training": 1, "mni#num_testing": 1})
+    assert isinstance(preparer.source, MNISource) and preparer.source.subjects()["testing"] == ["sub-02"]
+    # a Source object works without any config
+    assert _mni("unused").source_name == "mni" and _mni("unused").name == "brain_mri_zero_shot_translation-mni"
 
 
 def test_config_entry_point_reports_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
-        prepare_dataset(DatasetPreparer("nope", tmp_path / "ds"))
+        prepare_dataset(_config_preparer(source="nope", dataset_dir=str(tmp_path / "ds")))
     assert str(err.value) == "data preparation failed: source 'nope' is not one of: mni, labelmaps, ixi"
 
 
 def test_ixi_bad_input(tmp_path):
     pd, t1 = tmp_path / "pd", tmp_path / "t1"
     with pytest.raises(InputNotFoundError, match="IXI PD directory .* does not exist"):
-        DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": pd, "t1_dir": t1}).run()
+        IXISource(pd_dir=pd, t1_dir=t1)
     pd.mkdir()
     t1.mkdir()
     (pd / "IXI002-Guys-0828-PD.png").write_bytes(b"png")
     with pytest.raises(DataPreparationError, match="IXI002-Guys-0828-PD.png: not a NIfTI file"):
-        DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": pd, "t1_dir": t1}).run()
+        IXISource(pd_dir=pd, t1_dir=t1)
     (pd / "IXI002-Guys-0828-PD.png").unlink()
     with pytest.raises(InputNotFoundError, match=f"IXI PD directory {pd}: no IXI PD NIfTI volumes"):
-        DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": pd, "t1_dir": t1}).run()
+        IXISource(pd_dir=pd, t1_dir=t1)
 
 
 @pytest.mark.slow

@@ -16,11 +16,19 @@ import numpy as np
 import pytest
 from helpers import BUNDLE_ROOT, TINY_IXI, bundle_command, bundle_env, bundle_run, ended_pid
 
-from scripts.data import DataPreparationError, DatasetPreparer, make_demo_input, prepare_dataset, simulate_volume
+from scripts.prepare import (
+    DataPreparationError,
+    DatasetPreparer,
+    IXISource,
+    MNISource,
+    make_demo_input,
+    prepare_dataset,
+    simulate_volume,
+)
+from scripts.prepare.registration import RegistrationError, register_rigid_affine
 from scripts.publishing import MARKER
-from scripts.registration import RegistrationError, register_rigid_affine
 
-TINY_MNI = {"spatial_size": (32, 32), "max_slices_per_subject": 2, "mni": {"num_training": 1, "num_testing": 1}}
+TINY_MNI = {"spatial_size": (32, 32), "max_slices_per_subject": 2}
 TINY_MNI_ARGS = ["--spatial_size", "[32, 32]", "--max_slices_per_subject", "2"]
 TINY_MNI_ARGS += ["--mni#num_training", "1", "--mni#num_testing", "1"]
 
@@ -37,6 +45,10 @@ def assert_one_line_refusal(proc: subprocess.CompletedProcess, *names: str) -> s
 
 def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _mni(out: Path, **kw) -> DatasetPreparer:
+    return DatasetPreparer(MNISource(num_training=1, num_testing=1), out, **{**TINY_MNI, **kw})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,7 +79,7 @@ def test_prepare_refuses_what_it_did_not_write(tmp_path, case):
         (out / "notes.txt").write_text("mine")
         name = "notes.txt"
     elif case == "dataset_plus_file":  # a dataset of this bundle to which the user added a file
-        DatasetPreparer("mni", out, **TINY_MNI).run()
+        _mni(out).run()
         (out / "notes.txt").write_text("mine")
         name = "notes.txt"
     elif case == "file":
@@ -79,7 +91,7 @@ def test_prepare_refuses_what_it_did_not_write(tmp_path, case):
         name = "symbolic link"
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(DataPreparationError) as err:
-        DatasetPreparer("mni", out, overwrite=True, **TINY_MNI).run()
+        _mni(out, overwrite=True).run()
     msg = str(err.value)
     assert "\n" not in msg and str(out) in msg and name in msg
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -90,15 +102,15 @@ def test_prepare_replaces_its_own_dataset(tmp_path):
     """A marked dataset, an unmarked one of the bundle's layout (written before the marker existed) and an empty
     folder are replaced; the new dataset carries the marker."""
     out = tmp_path / "ds"
-    DatasetPreparer("mni", out, **TINY_MNI).run()
+    _mni(out).run()
     marker = json.loads((out / MARKER).read_text())
     assert marker["written_by"] == "brain_mri_zero_shot_translation" and marker["kind"] == "dataset"
     (out / MARKER).unlink()  # as written by an earlier version of the bundle
-    DatasetPreparer("mni", out, seed=1, overwrite=True, **TINY_MNI).run()
+    _mni(out, seed=1, overwrite=True).run()
     assert json.loads((out / "datalist.json").read_text())["seed"] == 1 and (out / MARKER).is_file()
     empty = tmp_path / "empty"
     empty.mkdir()
-    DatasetPreparer("mni", empty, **TINY_MNI).run()
+    _mni(empty).run()
     assert (empty / "datalist.json").is_file()
     assert hidden(tmp_path) == []
 
@@ -172,8 +184,8 @@ def _ixi(tmp_path: Path, head, t1: np.ndarray | None = None) -> DatasetPreparer:
     t1 = images["T1w"] if t1 is None else t1
     nib.save(nib.Nifti1Image(images["PDw"], affine), str(pd_dir / f"{SUBJECT}-PD.nii.gz"))
     nib.save(nib.Nifti1Image(np.ascontiguousarray(t1, dtype=np.float32), moved), str(t1_dir / f"{SUBJECT}-T1.nii.gz"))
-    ixi = {"pd_dir": pd_dir, "t1_dir": t1_dir, "registration": {"sampling": 0.5, "iterations": 100}}
-    return DatasetPreparer("ixi", tmp_path / "ds", ixi=ixi, **TINY_IXI)
+    source = IXISource(pd_dir=pd_dir, t1_dir=t1_dir, registration={"sampling": 0.5, "iterations": 100})
+    return DatasetPreparer(source, tmp_path / "ds", **TINY_IXI)
 
 
 def _refused(preparer: DatasetPreparer, *names: str) -> str:
@@ -247,7 +259,7 @@ def test_ixi_flipped_t1_is_refused(tmp_path, head, axis):
 
 
 def test_ixi_good_pair_passes_the_quality_gate(tmp_path, head, caplog):
-    caplog.set_level("INFO", logger="scripts.data")
+    caplog.set_level("INFO", logger="scripts.prepare")
     out = _ixi(tmp_path, head).run()
     assert json.loads((out / "datalist.json").read_text())["subjects"]["training"] == ["IXI900"]
     assert any("head-mask Dice" in r.getMessage() for r in caplog.records)
@@ -305,7 +317,7 @@ def test_next_run_removes_staging_folders_of_killed_runs(tmp_path):
     running = staging(".ds.tmp-fedcba9876543210", os.getppid())
     foreign = staging(".ds.tmp-mine", None)
     other = staging(".other.tmp-0123456789abcdef", ended)
-    DatasetPreparer("mni", tmp_path / "ds", **TINY_MNI).run()
+    _mni(tmp_path / "ds").run()
     assert not killed.exists()
     assert running.is_dir() and foreign.is_dir() and other.is_dir()
     # a replaced dataset moved aside (``.ds.old-*``) by a run killed before removing it goes once ``ds`` exists,
@@ -313,7 +325,7 @@ def test_next_run_removes_staging_folders_of_killed_runs(tmp_path):
     aside = staging(".ds.old-0123456789abcdef", ended)
     kept = staging(".ds.old-fedcba9876543210", ended)
     (kept / "notes.txt").write_text("mine")
-    DatasetPreparer("mni", tmp_path / "ds", overwrite=True, **TINY_MNI).run()
+    _mni(tmp_path / "ds", overwrite=True).run()
     assert not aside.exists() and (kept / "notes.txt").is_file()
 
 
@@ -326,4 +338,4 @@ def test_next_run_removes_staging_folders_of_killed_runs(tmp_path):
 )
 def test_bad_ixi_options(tmp_path, ixi, match):
     with pytest.raises(DataPreparationError, match=match):
-        DatasetPreparer("ixi", tmp_path / "ds", ixi={"pd_dir": tmp_path, "t1_dir": tmp_path, **ixi}).run()
+        IXISource(pd_dir=tmp_path, t1_dir=tmp_path, **ixi)

@@ -14,8 +14,8 @@ from matplotlib.image import imread
 from scipy import ndimage as ndi
 from sklearn.cluster import KMeans
 
-from scripts.data import FREESURFER_LABELS, DatasetPreparer
-from scripts.simulation import DEFAULT_SEQUENCES, TISSUES
+from scripts.prepare import FREESURFER_LABELS, DatasetPreparer, LabelMapSource
+from scripts.prepare.simulation import DEFAULT_SEQUENCES, TISSUES
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +79,11 @@ def small_real_map(shared_data_dir, tmp_path_factory):
 
 def test_real_label_maps_prepare(small_real_map, tmp_path):
     out = DatasetPreparer(
-        "labelmaps",
+        LabelMapSource(directory=small_real_map, training=["01"], testing=["13"]),
         tmp_path / "ds",
         spatial_size=(64, 64),
         slice_step_mm=8.0,
         max_slices_per_subject=4,
-        labelmaps={"directory": small_real_map, "training": ["01"], "testing": ["13"]},
     ).run()
     dl = json.loads((out / "datalist.json").read_text())
     assert dl["subjects"] == {"training": ["sub-01"], "testing": ["sub-13"]}

@@ -12,8 +12,8 @@ import pytest
 from helpers import TINY_IXI
 from scipy import ndimage as ndi
 
-from scripts.data import DatasetPreparer, simulate_volume
-from scripts.registration import register_rigid_affine, rotation_angle_deg
+from scripts.prepare import DatasetPreparer, IXISource, simulate_volume
+from scripts.prepare.registration import register_rigid_affine, rotation_angle_deg
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # ITK physical space = RAS flipped in x and y
 
@@ -68,17 +68,10 @@ def test_ixi_source_end_to_end(tmp_path, pair):
         shutil.copy(d / "pd.nii.gz", pd_dir / f"{sid}-PD.nii.gz")
         shutil.copy(d / "t1.nii.gz", t1_dir / f"{sid}-T1.nii.gz")
     (pd_dir / "IXI902-Test-0003-PD.nii.gz").write_bytes((d / "pd.nii.gz").read_bytes())  # no T1: skipped
-    out = DatasetPreparer(
-        "ixi",
-        tmp_path / "ds",
-        **TINY_IXI,
-        ixi={
-            "pd_dir": pd_dir,
-            "t1_dir": t1_dir,
-            "test_fraction": 0.5,
-            "registration": {"sampling": 0.5, "iterations": 100},
-        },
-    ).run()
+    source = IXISource(
+        pd_dir=pd_dir, t1_dir=t1_dir, test_fraction=0.5, registration={"sampling": 0.5, "iterations": 100}
+    )
+    out = DatasetPreparer(source, tmp_path / "ds", **TINY_IXI).run()
     dl = json.loads((out / "datalist.json").read_text())
     assert dl["source"] == "ixi" and dl["mask_type"] == "head"
     assert dl["subjects"] == {"training": ["IXI900"], "testing": ["IXI901"]}

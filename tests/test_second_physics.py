@@ -10,11 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import BUNDLE_ROOT, bundle_run
+from helpers import BUNDLE_ROOT, EVALUATE, bundle_run
 from monai.bundle import ConfigParser
 
-from scripts.data import DataPreparationError, DatasetPreparer
-from scripts.simulation import (
+from scripts.prepare import DataPreparationError, DatasetPreparer, MNISource
+from scripts.prepare.simulation import (
     DEFAULT_SEQUENCES,
     TISSUES,
     TISSUES_3T,
@@ -163,7 +163,7 @@ def test_field_strength_selects_tissue_table():
     with pytest.raises(ValueError, match="field_strength 7.0"):
         MRSimulator(field_strength=7.0)
     with pytest.raises(DataPreparationError, match="simulator: field_strength"):
-        DatasetPreparer("mni", "unused", simulator={"field_strength": 7.0}).check()
+        DatasetPreparer(MNISource(), "unused", simulator={"field_strength": 7.0}).check()
 
 
 def test_default_prepare_config_unchanged():
@@ -205,8 +205,8 @@ def test_second_physics_set_evaluates_with_the_default_translator(physics2_datas
     """evaluate.json runs the shipped default translator on the second-physics slices (tiny: 2 slices, 2 steps)."""
     output = tmp_path / "eval"
     bundle_run(
-        "configs/evaluate.json",
-        "--method", "lmi", "--dataset_dir", str(physics2_dataset), "--num_slices", "2", "--num_steps", "2",
+        EVALUATE,
+        "--dataset_dir", str(physics2_dataset), "--num_slices", "2", "--num_steps", "2",
         "--output_dir", str(output),
     )  # fmt: skip
     with open(output / "lmi" / "metrics.csv") as handle:

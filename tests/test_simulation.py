@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scripts.data import DatasetPreparer
-from scripts.simulation import (
+from scripts.prepare import DatasetPreparer, MNISource
+from scripts.prepare.simulation import (
     CONTRASTS,
     DEFAULT_SEQUENCES,
     TISSUES,
@@ -91,7 +91,7 @@ def test_bias_field_smooth_positive():
 
 def test_class_means_on_noisy_simulated_images():
     """Contrast ordering measured as class means of the labels on noisy, bias-corrupted mni slices."""
-    p = DatasetPreparer("mni", "unused", seed=0, spatial_size=(64, 64), max_slices_per_subject=4)
+    p = DatasetPreparer(MNISource(), "unused", seed=0, spatial_size=(64, 64), max_slices_per_subject=4)
     r = p.source.prepare("sub-01", p)
     means = {c: [float(r.images[c][r.label == k].mean()) for k in (1, 2, 3)] for c in CONTRASTS}
     csf, gm, wm = means["T1w"]

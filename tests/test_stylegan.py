@@ -13,8 +13,7 @@ from monai.data import MetaTensor
 from phantoms import phantom
 from torch.utils.data import DataLoader
 
-from scripts.inferers import SliceWiseInferer
-from scripts.stylegan import (
+from scripts.baselines.stylegan import (
     AdaptiveAugment,
     ModulatedConv2d,
     StyleGAN2Discriminator,
@@ -24,6 +23,8 @@ from scripts.stylegan import (
     ema_copy,
     to_unit,
 )
+from scripts.configs import config_files
+from scripts.inferers import SliceWiseInferer
 
 TINY_SIZES = {"latent_dim": 16, "resolution": 16, "channel_base": 64, "channel_max": 16}
 TINY = [arg for key, value in TINY_SIZES.items() for arg in (f"--{key}", str(value))]
@@ -271,7 +272,7 @@ def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_t1_datase
             "--train#trainer#max_epochs", str(epochs),
         ]  # fmt: skip
 
-    first = bundle_run("configs/train_stylegan.json", *overrides(1))
+    first = bundle_run(config_files("train_stylegan"), *overrides(1))
     assert "g_loss" in first.stdout + first.stderr and "ada_p" in first.stdout + first.stderr
     checkpoint = models / "checkpoints_stylegan" / "checkpoint_epoch_1.pt"
     exported = models / "stylegan_generator.pt"
@@ -285,7 +286,7 @@ def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_t1_datase
     generator = StyleGAN2Generator(mapping_layers=4, **TINY_SIZES)
     generator.load_state_dict(weights)  # the exported EMA generator matches generator_def with the same sizes
 
-    second = bundle_run("configs/train_stylegan.json", *overrides(2))
+    second = bundle_run(config_files("train_stylegan"), *overrides(2))
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
     resumed = torch.load(models / "checkpoints_stylegan" / "checkpoint_epoch_2.pt", weights_only=False)

@@ -9,14 +9,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_PAPER, bundle_run, infer_overrides, sigterm_once_staging, train_overrides
+from helpers import (
+    BUNDLE_ROOT,
+    INFERENCE,
+    TINY_PAPER,
+    TRAIN,
+    bundle_run,
+    infer_overrides,
+    sigterm_once_staging,
+    train_overrides,
+)
 from phantoms import phantom
+
+from scripts.configs import config_files
 
 
 @pytest.mark.slow
 def test_training_runs_and_resumes_after_an_interruption(tiny_dataset, tmp_path):
     models = tmp_path / "models"
-    first = bundle_run("configs/train.json", *train_overrides(tiny_dataset, models, epochs=1))
+    first = bundle_run(TRAIN, *train_overrides(tiny_dataset, models, epochs=1))
     first_log = first.stdout + first.stderr
     assert "val_dice" in first_log and "val_ssim" in first_log, "the validation handler must log Dice and SSIM"
     checkpoint = models / "checkpoints" / "checkpoint_epoch_1.pt"
@@ -27,9 +38,7 @@ def test_training_runs_and_resumes_after_an_interruption(tiny_dataset, tmp_path)
 
     # A second run with more epochs continues from epoch 1 instead of starting again.
     # The campaign may lower the learning rate between runs: the configured rate wins over the checkpoint's.
-    second = bundle_run(
-        "configs/train.json", *train_overrides(tiny_dataset, models, epochs=2), "--learning_rate", "0.0002"
-    )
+    second = bundle_run(TRAIN, *train_overrides(tiny_dataset, models, epochs=2), "--learning_rate", "0.0002")
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
     assert (models / "checkpoints" / "checkpoint_epoch_2.pt").is_file()
@@ -47,7 +56,8 @@ def test_training_runs_and_resumes_after_an_interruption(tiny_dataset, tmp_path)
 @pytest.mark.slow
 def test_paper_recipe_trains_with_its_own_network(tiny_dataset, tmp_path):
     models = tmp_path / "models"
-    bundle_run("configs/train_lmi_paper.json", *train_overrides(tiny_dataset, models, epochs=1, tiny=TINY_PAPER))
+    overrides = train_overrides(tiny_dataset, models, epochs=1, tiny=TINY_PAPER)
+    bundle_run(config_files("train_lmi_paper"), *overrides)
     assert (models / "checkpoints_lmi_paper" / "checkpoint_epoch_1.pt").is_file()
     state = torch.load(models / "lmi_paper.pt", weights_only=True)
     assert state["conv_in.conv.weight"].shape[1] == 4, "x_t, LMI(s, x_t), LMI(s, s) and the head mask"
@@ -62,7 +72,7 @@ def test_a_source_image_in_the_training_list_stops_training(tiny_dataset, tmp_pa
     datalist["training"].append({"image": str(source), "subject": "s2"})
     (leaky / "datalist.json").write_text(json.dumps(datalist))
     overrides = train_overrides(tiny_dataset, tmp_path / "models", epochs=1)
-    result = bundle_run("configs/train.json", *overrides, "--datalist", str(leaky / "datalist.json"), check=False)
+    result = bundle_run(TRAIN, *overrides, "--datalist", str(leaky / "datalist.json"), check=False)
     assert result.returncode != 0
     assert "looks like a source-modality image" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
@@ -73,7 +83,7 @@ def test_a_source_image_in_the_training_list_stops_training(tiny_dataset, tmp_pa
 def test_two_process_cpu_ddp_training(tiny_dataset, tmp_path):
     models = tmp_path / "models"
     result = bundle_run(
-        ["configs/train.json", "configs/multi_gpu_train.json"],
+        config_files("multi_gpu_train"),
         *train_overrides(tiny_dataset, models, epochs=1),
         torchrun=2,
     )
@@ -87,8 +97,9 @@ def test_two_process_cpu_ddp_training(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("method", ["lmi", "sdedit"])
 def test_inference_on_2d_slices_keeps_the_affine(tiny_dataset, tiny_model, tmp_path, method):
     output = tmp_path / "out"
-    extra = ["--datalist", str(tiny_dataset / "datalist.json"), "--method", method]
-    bundle_run("configs/inference.json", *infer_overrides(tiny_model, output, *extra))
+    extra = ["--datalist", str(tiny_dataset / "datalist.json")]
+    bundle_run(config_files("inference", method), *infer_overrides(tiny_model, output, *extra))
+    assert (output / f"test_0_pd_to_t1w_{method}.nii.gz").is_file()
     written = json.loads((output / "datalist_translated.json").read_text())["testing"]
     assert len(written) == 2
     for entry in written:
@@ -99,6 +110,18 @@ def test_inference_on_2d_slices_keeps_the_affine(tiny_dataset, tiny_model, tmp_p
         assert data.min() >= 0 and data.max() <= 1 and data.max() > 0
     assert (output / "translation.png").is_file()
     assert not list(output.glob("*.partial*")) and not list(tmp_path.glob(".*")), "no staging may remain"
+
+
+@pytest.mark.slow
+def test_composed_configs_run_from_another_directory_given_bundle_root(tiny_dataset, tiny_model, tmp_path):
+    """Every reference resolves from bundle_root: a base, a method override and absolute config paths, run elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    output = tmp_path / "out"
+    configs = config_files("inference", "sdedit", bundle_root=BUNDLE_ROOT)
+    extra = ["--datalist", str(tiny_dataset / "datalist.json"), "--bundle_root", str(BUNDLE_ROOT)]
+    bundle_run(configs, *infer_overrides(tiny_model, output, *extra), cwd=elsewhere)
+    assert (output / "test_0_pd_to_t1w_sdedit.nii.gz").is_file() and not any(elsewhere.iterdir())
 
 
 @pytest.mark.slow
@@ -149,6 +172,7 @@ def _write(tmp_path: Path, name: str, array: np.ndarray) -> Path:
         ("tensor_model", "not a state dict of tensors"),
         ("constant", "image is constant"),
         ("unknown_method", "unknown method 'foo'"),
+        ("method_without_its_config", "choose a method by adding configs/methods/sdedit.json to --config_file"),
         ("zero_steps", "num_steps must be a whole number in 1-1000, got 0"),
         ("negative_steps", "num_steps must be a whole number in 1-1000, got -3"),
         ("steps_past_schedule", "num_steps must be a whole number in 1-1000, got 5000"),
@@ -193,13 +217,15 @@ def test_inference_bad_input_gives_a_clear_error_and_no_output(tiny_model, tmp_p
         "zero_steps": ["--num_steps", "0"],
         "negative_steps": ["--num_steps", "-3"],
         "steps_past_schedule": ["--num_steps", "5000"],
-        "sdedit_start_past_schedule": ["--method", "sdedit", "--sdedit_start", "5000"],
+        "method_without_its_config": ["--method", "sdedit"],
+        "sdedit_start_past_schedule": ["--sdedit_start", "5000"],
     }.get(case, [])
     output = tmp_path / "out"
     if case == "output_dir_is_a_file":
         output.write_text("a file where the folder should be")
     overrides = infer_overrides(model, output, "--input_dir", str(inputs)) + settings
-    result = bundle_run("configs/inference.json", *overrides, check=False)
+    config = config_files("inference", "sdedit") if case == "sdedit_start_past_schedule" else INFERENCE
+    result = bundle_run(config, *overrides, check=False)
     assert result.returncode == 1
     assert message in result.stdout + result.stderr
     assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr

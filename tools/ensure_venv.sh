@@ -16,3 +16,7 @@ if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
     echo "$_want" > "$_stamp"
 fi
 export PATH="$PWD/$_venv/bin:$PATH"
+# Make the bundle's `scripts` importable from any working directory, as an editable install would: MONAI's runner
+# puts the bundle root on sys.path only after `initialize`, which already needs `scripts` (see docs/README.md,
+# "Running from another directory").
+"$_venv/bin/python" -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/brain_mri_zero_shot_translation.pth", "w").write(sys.argv[1] + "\n")' "$PWD"

@@ -1,32 +1,24 @@
-"""MR physics for simulated multi-contrast brain images (PDw, T1w, T2w) at 1.5 T (or 3 T).
+"""MR physics of the simulated multi-contrast brain images (PDw, T1w, T2w) at 1.5 T (or 3 T).
 
-The simulator is linear in the tissue fractions: a voxel holding fractions ``f_t`` of pure tissues ``t``
-has the (noise-free) signal ``S = sum_t f_t * S_t`` where ``S_t`` is the signal equation of the sequence
-evaluated at the tissue's proton density (PD), T1, T2 and T2*. Partial volume therefore comes for free:
-blurring a crisp tissue map's signal image with a kernel ``K`` is exactly mixing the pure-tissue signals with
-the blurred one-hot fractions ``K * 1[tissue == t]`` (see ``scripts.data``).
+The simulator is linear in the tissue fractions: a voxel holding fractions ``f_t`` of pure tissues ``t`` has the
+(noise-free) signal ``S = sum_t f_t * S_t``, ``S_t`` being the sequence's signal equation at the tissue's proton
+density (PD), T1, T2 and T2*. Partial volume therefore comes for free: blurring a crisp tissue map's signal image with
+a kernel ``K`` is exactly mixing the pure-tissue signals with the blurred one-hot fractions ``K * 1[tissue == t]``
+(see ``scripts.prepare.sources``).
 
-Sequences (defaults, all configurable in ``configs/prepare.json``):
+Sequences (``DEFAULT_SEQUENCES``, all configurable in ``configs/prepare.json``): PDw and T2w are a long-TR spin echo
+(TR 8000 ms, TE 8 and 100 ms: IXI's PD and T2 come from one dual-echo acquisition); T1w is a spoiled gradient echo
+(the Ernst equation) with IXI's TR 9.8 ms and TE 4.6 ms but an *effective* flip angle of 20 degrees, because IXI's
+nominal 8 degrees gives almost no WM/GM contrast with literature T1 values (the real 3D T1-FFE gets extra contrast
+from effects this model ignores, such as magnetisation transfer; ``tests/test_real_fixtures.py`` checks the choice
+against real IXI slices).
 
-- PDw: long-TR, short-TE spin echo, ``S = PD (1 - exp(-TR/T1)) exp(-TE/T2)`` with TR 8000 ms, TE 8 ms.
-- T2w: the same long-TR spin echo with TE 100 ms (IXI's PD and T2 come from one dual-echo acquisition).
-- T1w: spoiled gradient echo (SPGR / FLASH, the Ernst equation)
-  ``S = PD sin(a) (1 - E1) / (1 - cos(a) E1) exp(-TE/T2*)``, ``E1 = exp(-TR/T1)``, with IXI's TR 9.8 ms and
-  TE 4.6 ms but an *effective* flip angle of 20 degrees. With literature T1 values IXI's nominal 8 degrees sits
-  at the grey-matter Ernst angle (acos(exp(-9.8/1050)) = 7.8 deg) and gives WM/GM = 1.06 and CSF/WM = 0.50: far
-  flatter than the real IXI T1 slices in ``../shared/data/real_fixtures`` (K-means brain cluster centres give
-  WM/GM 1.34-1.39 and CSF/WM 0.31-0.42; the real 3D T1-FFE gets extra contrast from effects this model ignores,
-  such as magnetisation transfer). At 20 degrees the equation gives WM/GM ~1.3 and CSF/WM ~0.3, i.e. a clearly
-  T1-weighted image with WM > GM > CSF.
-
-Tissue parameters are literature values at 1.5 T (e.g. Wansapura et al. 1999; Gold et al. 2004; Stanisz et
-al. 2005; Bojorquez et al. 2017 for fat/bone; PD relative to water), rounded (``TISSUES``). A second table at
-3 T (``TISSUES_3T``: longer T1, slightly shorter T2 and T2*, the same PD) is selected by ``MRSimulator``'s
-``field_strength`` (default 1.5); ``configs/prepare_second_physics.json`` uses it for a test set with other MR
-physics (spin-echo T1w, other TR/TE, noise, bias field and geometry). Each subject draws a small
-multiplicative jitter (default 3 % standard deviation) of every PD, T1 and T2. The images get a smooth
-multiplicative bias field and Rician noise whose standard deviation is a few percent of the subject's pure
-white-matter signal in that contrast. Everything is deterministic for a ``numpy.random.Generator`` seed.
+Tissue parameters are rounded literature values at 1.5 T (``TISSUES``; e.g. Wansapura et al. 1999; Gold et al.
+2004; Stanisz et al. 2005; Bojorquez et al. 2017 for fat/bone; PD relative to water) and at 3 T (``TISSUES_3T``,
+selected by ``MRSimulator``'s ``field_strength``; ``configs/prepare_second_physics.json`` uses it). Each subject
+draws a small multiplicative jitter of every PD, T1 and T2; the images get a smooth multiplicative bias field and
+Rician noise of a few percent of the subject's pure white-matter signal. Everything is deterministic for a
+``numpy.random.Generator`` seed. The resulting contrasts are described in ``docs/README.md`` (Data).
 """
 
 from __future__ import annotations
@@ -54,6 +46,7 @@ __all__ = [
     "bias_field",
     "add_rician_noise",
     "eval_smooth",
+    "smooth_random_field",
 ]
 
 CONTRASTS: tuple[str, ...] = ("PDw", "T1w", "T2w")
@@ -159,6 +152,10 @@ class SpoiledGradientEcho:
         return t.pd * np.sin(a) * (1.0 - e1) / (1.0 - np.cos(a) * e1) * np.exp(-self.te / t.t2s)
 
 
+# T1w flip angle: with the literature T1 values IXI's nominal 8 degrees sits at the grey-matter Ernst angle
+# (acos(exp(-9.8/1050)) = 7.8 deg) and gives WM/GM = 1.06 and CSF/WM = 0.50, far flatter than the real IXI T1 slices
+# in ``../shared/data/real_fixtures`` (K-means brain cluster centres: WM/GM 1.34-1.39, CSF/WM 0.31-0.42); at 20 degrees
+# the equation gives WM/GM ~1.3 and CSF/WM ~0.3, a clearly T1-weighted image with WM > GM > CSF.
 DEFAULT_SEQUENCES: dict[str, SpinEcho | SpoiledGradientEcho] = {
     "PDw": SpinEcho(tr=8000.0, te=8.0),
     "T1w": SpoiledGradientEcho(tr=9.8, te=4.6, flip=20.0),
@@ -214,6 +211,18 @@ def bias_field(points_mm: np.ndarray, rng: np.random.Generator, strength: float,
     for c, (i, j, k) in zip(coeffs, terms, strict=True):
         log_b += c * basis_1d[i](x[..., 0]) * basis_1d[j](x[..., 1]) * basis_1d[k](x[..., 2])
     return np.exp(log_b)
+
+
+def smooth_random_field(points_mm: np.ndarray, rng: np.random.Generator, wavelength_mm: float, n: int = 24):
+    """A smooth random field (about unit variance) at world points ``(..., 3)``: random Fourier features."""
+    direction = rng.standard_normal((n, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    freq = direction * (2 * np.pi / wavelength_mm) * rng.uniform(0.5, 1.5, size=(n, 1))
+    phase = rng.uniform(0, 2 * np.pi, size=n)
+    out = np.zeros(points_mm.shape[:-1])
+    for f, ph in zip(freq, phase, strict=True):
+        out += np.cos(points_mm @ f + ph)
+    return out * np.sqrt(2.0 / n)
 
 
 def eval_smooth(fn, points_mm: np.ndarray, factor: int = 4) -> np.ndarray:

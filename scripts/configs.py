@@ -1,0 +1,58 @@
+"""The config files each workflow composes: a base, a method override and a workflow override, merged in order by
+``python -m monai.bundle run --config_file "[...]"`` (later files override earlier ones, ``+key`` appends).
+
+- ``configs/inference.json`` is the base: the default translator (network, conditioning, schedulers, sampling
+  settings) and the inference workflow, runnable alone.
+- ``configs/methods/<method>.json`` switches the translator (``network_def``, ``model_path``, ``translator``).
+- ``configs/evaluate.json``, ``configs/train*.json`` and ``configs/multi_gpu_train.json`` switch the workflow.
+
+Benchmarks and tests build their commands here, so the composition has one home; docs/README.md lists the same
+commands for users.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["DEFAULT_METHOD", "WORKFLOWS", "available_methods", "config_files"]
+
+DEFAULT_METHOD = "lmi"  # the translator of the base config, without a method override file
+BASE = "configs/inference.json"
+METHODS_DIR = "configs/methods"
+WORKFLOWS = {
+    "inference": [],
+    "evaluate": ["configs/evaluate.json"],
+    "train": ["configs/train.json"],
+    "multi_gpu_train": ["configs/train.json", "configs/multi_gpu_train.json"],
+    "train_lmi_paper": ["configs/train_lmi_paper.json"],
+    "train_cyclegan": ["configs/train_cyclegan.json"],
+    "train_stylegan": ["configs/train_stylegan.json"],
+}
+# the method each training workflow trains (its method override comes before the workflow's files)
+TRAINED_METHOD = {"train_lmi_paper": "lmi_paper", "train_cyclegan": "cyclegan", "train_stylegan": "stylegan"}
+
+
+def available_methods(bundle_root: str | Path = ".") -> list[str]:
+    """The default method and one per file in configs/methods/."""
+    return sorted({DEFAULT_METHOD} | {path.stem for path in (Path(bundle_root) / METHODS_DIR).glob("*.json")})
+
+
+def config_files(
+    workflow: str = "inference", method: str | None = None, bundle_root: str | Path | None = None
+) -> list[str]:
+    """The ``--config_file`` list of `workflow` with `method` (paths relative to the bundle root, or under
+    `bundle_root` when given). A training workflow brings its own method; the evaluation and inference ones take any."""
+    if workflow not in WORKFLOWS:
+        raise ValueError(f"unknown workflow '{workflow}'; choose one of {sorted(WORKFLOWS)}")
+    trained = TRAINED_METHOD.get(workflow)
+    if method is not None and trained is not None and method != trained:
+        raise ValueError(f"workflow '{workflow}' trains method '{trained}', not '{method}'")
+    method = trained or method or DEFAULT_METHOD
+    if workflow in ("train", "multi_gpu_train") and method != DEFAULT_METHOD:
+        raise ValueError(f"workflow '{workflow}' trains method '{DEFAULT_METHOD}', not '{method}'")
+    override = [] if method == DEFAULT_METHOD else [f"{METHODS_DIR}/{method}.json"]
+    if trained is None and workflow != "inference":
+        files = [BASE, *WORKFLOWS[workflow], *override]  # method last: its "+initialize" checks follow the workflow's
+    else:
+        files = [BASE, *override, *WORKFLOWS[workflow]]
+    return [str(Path(bundle_root) / f) for f in files] if bundle_root is not None else files
