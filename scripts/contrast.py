@@ -8,10 +8,11 @@ source image (PDw, T2w, ...) is just one more contrast in the family of ``f``. N
 The map keeps tissue contrast informative (in the spirit of SynthSeg/SynthSR): its knots sit at the image's own tissue
 intensities and each tissue is sent to a random level, in random order, at least ``min_separation`` away from every
 other level. With a tissue label map (CSF 1, GM 2, WM 3, as the prepare workflow writes next to every slice) the knots
-are the mean intensities of CSF, GM and WM plus two clusters of the non-brain head (bone and fat/scalp); without one,
+are the median intensities of CSF, GM and WM plus two clusters of the non-brain head (bone and fat/scalp); without one,
 the clusters of a 1D k-means inside the head. Plain random knots, or k-means knots that fall between grey and white
-matter, often send the two to nearly the same value, which teaches the network to ignore that contrast. Air maps to 0
-(every MR contrast has dark air), and a random gamma bends the map between knots.
+matter, often send the two to nearly the same value, which teaches the network to ignore that contrast (what the
+training campaign showed: docs/method.md, "What each measured choice bought"). Air maps to 0 (every MR contrast has
+dark air), and a random gamma bends the map between knots.
 """
 
 from __future__ import annotations

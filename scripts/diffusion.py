@@ -9,7 +9,8 @@ distribution) or a contrast-randomised copy of the target (the default translato
 The head mask is computed the same way from any contrast (``scripts.transforms.head_mask``) and tells the network
 where tissue is, which LMI cannot (it is 0 on any flat region, air and white matter alike).
 
-Images live in [0, 1] outside the model and in [-1, 1] inside it (the schedulers clip x0 to [-1, 1]).
+Images live in [0, 1] outside the model and in [-1, 1] inside it (the schedulers clip x0 to [-1, 1]). The method and
+the measurements behind these choices: docs/method.md, "Conditioning the denoiser".
 """
 
 from __future__ import annotations
@@ -82,11 +83,13 @@ class LMIConditioner(torch.nn.Module):
 
     Channels, in order: ``LMI(ref, x_t)`` (`use_dynamic_lmi`), ``LMI(ref, ref)`` (`use_self_lmi`), the head mask
     (`use_head_mask`) and the reference itself (`use_reference`). The paper's recipe uses the first three; the default
-    translator, trained on contrast-randomised references, sees the reference and the head mask (LMI guidance at
-    sampling time stays available in ``scripts.inferers.LMIGuidedInferer``).
+    translator, trained on contrast-randomised references, sees the reference and the head mask: each LMI channel
+    would cost one LMI evaluation of the batch per training step, and the reference carries everything the maps are
+    computed from (LMI guidance at sampling time stays available in ``scripts.inferers.LMIGuidedInferer``).
 
     Args:
-        num_bins, patch_size, search_size, sigma: the LMI layer's parameters (docs/README.md, "The LMI layer").
+        num_bins, patch_size, search_size, sigma: the LMI layer's parameters (docs/method.md, "Local mutual
+            information").
         use_head_mask, use_reference, use_self_lmi, use_dynamic_lmi: which channels to build (at least one).
     """
 
@@ -230,8 +233,8 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         images, _ = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-        # plain tensors: a MetaTensor sends every op of the UNet through Python meta handling (measured 5x slower
-        # training steps on the CPU, and a GPU step bound by it)
+        # plain tensors: a MetaTensor sends every op of the UNet through Python meta handling, which slows the CPU
+        # training step several times and binds the GPU step (docs/method.md, "Implementation measurements")
         images = convert_to_tensor(images, track_meta=False)
         noise = self.get_noise(images)
         timesteps = self.get_timesteps(images)

@@ -1,6 +1,6 @@
 """Evaluation of a translation method against the ground truth, as ``configs/evaluate.json``
 wires it: a ``SupervisedEvaluator`` whose inferer is the method, K-means tissue segmentation in postprocessing and
-MONAI metrics (SSIM, PSNR, Dice) saved by ``MetricsSaver``.
+MONAI metrics (SSIM, PSNR, Dice) saved by ``MetricsSaver`` (the protocol: docs/method.md, "Evaluation protocol").
 
 This module holds what MONAI does not have: the up-front check of an evaluation datalist (so a bad entry fails with
 one line naming it before anything is written), the identity "method" (the untranslated source: the floor every

@@ -241,6 +241,7 @@ class LMIGuidedInferer(DiffusionInferer):
         """
         validate_source(inputs)
         if self.num_samples == 1:
+            self.last_std = None  # one sample: no spread to report
             return self._translate_once(inputs, network, head)
         count, batch = self.num_samples, inputs.shape[0]
         repeated = plain(inputs).repeat_interleave(count, 0)
@@ -327,7 +328,12 @@ class SliceWiseInferer(Inferer):
     A (B, 1, H, W) batch is padded to a square field of view (:func:`scripts.transforms.square_field_of_view`),
     resized to `image_size`, translated, resized back and cropped; a (B, 1, X, Y, Z) volume is cut
     along `slice_axis` into 2D slices, translated `batch_size` slices at a time (all-zero slices stay zero) and stacked
-    back into one volume, so the output has the input's shape and meta data (affine included).
+    back into one volume, so the output has the input's shape and meta data (affine included). The sampler restarts
+    its seed at every call, so with `batch_size` 1 every slice of a volume gets the same noise sequence, as separate 2D
+    inputs do: a slice translates the same alone or in a volume, and neighbouring slices flicker less than with
+    independent noise (docs/README.md, "Uncertainty and volumes"). When the translator
+    reports the spread of its samples (``last_std``), the same geometry gives ``last_std`` of the output's shape
+    (``scripts.uncertainty``); otherwise ``last_std`` is None.
     """
 
     def __init__(
@@ -335,7 +341,7 @@ class SliceWiseInferer(Inferer):
         translator: LMIGuidedInferer,
         image_size: Sequence[int] = (128, 128),
         slice_axis: int = -1,
-        batch_size: int = 8,
+        batch_size: int = 1,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -344,10 +350,12 @@ class SliceWiseInferer(Inferer):
         self.slice_axis = slice_axis
         self.batch_size = batch_size
         self.progress = progress
+        self.last_std: torch.Tensor | None = None
 
     def _translate_slices(
         self, slices: torch.Tensor, network: torch.nn.Module, spacing: tuple[float, float] = (1.0, 1.0)
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The translated slices and the spread of their samples (None when the translator reports none)."""
         size = tuple(slices.shape[2:])
         square = square_field_of_view(size, spacing)  # keeps the aspect ratio of a non-square slice
         before = [(p - n) // 2 for p, n in zip(square, size, strict=True)]
@@ -357,16 +365,24 @@ class SliceWiseInferer(Inferer):
             )
         resized = F.interpolate(slices, size=self.image_size, mode="area") if square != self.image_size else slices
         translated = torch.as_tensor(self.translator.translate(resized, network))
+        spread = getattr(self.translator, "last_std", None)
+        spread = None if spread is None else torch.as_tensor(spread).float()
         if square != self.image_size:
             translated = F.interpolate(translated, size=square, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
-        return translated[..., before[0] : before[0] + size[0], before[1] : before[1] + size[1]]
+            if spread is not None:
+                spread = F.interpolate(spread, size=square, mode="bilinear", align_corners=False).clamp(min=0.0)
+
+        def crop(image: torch.Tensor) -> torch.Tensor:
+            return image[..., before[0] : before[0] + size[0], before[1] : before[1] + size[1]]
+
+        return crop(translated), None if spread is None else crop(spread)
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
         if inputs.ndim == 4:
             validate_source(inputs)
             spacing = in_plane_spacing(inputs, (0, 1))
-            translated = self._translate_slices(torch.as_tensor(inputs).float(), network, spacing)
+            translated, self.last_std = self._translate_slices(torch.as_tensor(inputs).float(), network, spacing)
             return convert_to_dst_type(translated, inputs)[0]
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) slices or (B, 1, X, Y, Z) volumes, got {tuple(inputs.shape)}.")
@@ -374,16 +390,24 @@ class SliceWiseInferer(Inferer):
         spacing = in_plane_spacing(inputs, tuple(a for a in range(3) if a != axis - 2))
         volumes = torch.as_tensor(inputs).float()
         output = torch.zeros_like(volumes)
+        spreads: torch.Tensor | None = torch.zeros_like(volumes)
         for b in range(volumes.shape[0]):
             slices = volumes[b].movedim(axis - 1, 0)  # (D, 1, H, W)
             keep = (slices.flatten(1).abs().amax(1) > 0).nonzero().flatten()
             if keep.numel() == 0:
                 raise ValueError(f"volume {b} of the batch is all zero: nothing to translate.")
-            result = torch.zeros_like(slices)
+            result, spread = torch.zeros_like(slices), torch.zeros_like(slices)
             chunks = list(keep.split(self.batch_size))
             for chunk in tqdm(chunks, desc="slices", disable=not self.progress, leave=False):
-                result[chunk] = self._translate_slices(slices[chunk], network, spacing)
+                result[chunk], chunk_spread = self._translate_slices(slices[chunk], network, spacing)
+                if chunk_spread is None:
+                    spreads = None
+                else:
+                    spread[chunk] = chunk_spread
             output[b] = result.movedim(0, axis - 1)
+            if spreads is not None:
+                spreads[b] = spread.movedim(0, axis - 1)
+        self.last_std = spreads
         return convert_to_dst_type(output, inputs)[0]
 
 

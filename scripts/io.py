@@ -174,8 +174,9 @@ class SaveTranslationd(MapTransform):
         postfix: str = "trans",
         enabled: bool = True,
         stems: Mapping[str, str] | None = None,
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
         self.postfix = postfix
         self.enabled = enabled
@@ -209,11 +210,12 @@ class TranslatedDatalistWriter:
     """Ignite handler: collect the written files and save ``datalist_translated.json`` when the run completes.
 
     The file is a Decathlon/Auto3DSeg datalist: ``{list_key: [{"image": ..., "source_image": ..., <the input
-    entry's other keys, e.g. "label">}, ...]}`` with every path relative to `output_dir`, so Auto3DSeg's
-    ``DataAnalyzer``/``AutoRunner`` or a segmentation bundle takes it with ``dataroot=output_dir``
-    (``list_key="training"`` for Auto3DSeg, which trains on labelled entries). `entries` are the input entries
-    (paths resolved, as :func:`source_datalist` returns them); `work_dir` is where the run writes before it is
-    published as `output_dir` (see :class:`PublishOutputs`).
+    entry's other keys, e.g. "label">}, ...]}``, plus ``uncertainty_image`` and the ``uncertainty`` score (and
+    ``uncertainty_per_slice`` for a volume) when the translator drew several samples (``scripts.uncertainty``).
+    Every path is relative to `output_dir`, so Auto3DSeg's ``DataAnalyzer``/``AutoRunner`` or a segmentation bundle
+    takes it with ``dataroot=output_dir`` (``list_key="training"`` for Auto3DSeg, which trains on labelled entries).
+    `entries` are the input entries (paths resolved, as :func:`source_datalist` returns them); `work_dir` is where the
+    run writes before it is published as `output_dir` (see :class:`PublishOutputs`).
     """
 
     def __init__(
@@ -254,6 +256,11 @@ class TranslatedDatalistWriter:
                 entry["image"] = str(Path(item[self.key]).relative_to(self.work_dir))
                 if source:
                     entry["source_image"] = self._relative(source)
+                if "pred_std_path" in item:  # the spread of the samples (scripts.uncertainty)
+                    entry["uncertainty_image"] = str(Path(item["pred_std_path"]).relative_to(self.work_dir))
+                for key in ("uncertainty", "uncertainty_per_slice"):
+                    if key in item:
+                        entry[key] = round(item[key], 6) if isinstance(item[key], float) else item[key]
                 self.entries.append(entry)
 
     def write(self, engine: Engine) -> None:

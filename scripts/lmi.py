@@ -1,4 +1,4 @@
-"""Local Mutual Information (LMI): a differentiable, accelerated operator (definition: docs/README.md, "The LMI layer").
+"""Local Mutual Information (LMI): a differentiable, accelerated operator (docs/method.md, "Local mutual information").
 
 Definition (binding). For images ``s`` (source) and ``y`` of shape (B, 1, H, W), scaled to [0, 1]::
 
@@ -16,10 +16,10 @@ K = 8, ~2.05 at K = 27 away from 0 and 1), so NMI can exceed 1 and I can be slig
 own entropy (1.75 bits at K = 27) caps the NMI of structured patches well below 1 (0.34 for a 6:3 two-level
 patch at K = 27, 0.78 at K = 8).
 
-Formulation (why it is fast). Measured on the project's 2-core CPU (torch 2.13), one 128 x 128 image, one
-thread; the layer's own figures are in ``benchmarks/results/lmi.json`` (``benchmarks/bench_lmi.py``). The
-plain way (unfold every patch pair, one K x K histogram each, vectorised over pixels) takes 0.17 s at K = 8 and
-1.6 s at K = 27; this layer 33-38 ms and 0.14-0.23 s (brain slice to pure-noise inputs).
+Formulation (why it is fast). The plain way unfolds every patch pair and builds one K x K histogram each
+(vectorised over pixels). Each step below removes work that the plain way repeats or that does not change the
+result; the measurements behind each step are in docs/method.md ("Computing LMI fast"), and the layer against the
+plain way in ``benchmarks/results/lmi.json`` (``benchmarks/bench_lmi.py``).
 
 1. Shared kernel weights. The Gaussian weights are computed once per pixel (a (H+2g, W+2g, K) map,
    ``g = p//2 + r//2``) and every patch reads them; the plain way recomputes them for each of the r*r pairs.
@@ -27,40 +27,36 @@ plain way (unfold every patch pair, one K x K histogram each, vectorised over pi
    over the search-padded grid that the r*r candidates read shifted (no per-pair marginal work). The joint
    normaliser ``Z = sum_n (sum_k w(a_n, c_k)) (sum_l w(b_n, c_l))`` is a box sum of a product of per-pixel
    totals, one small map per shift; the y rows are scaled by ``1 / (Z + eps)`` before the product, which then
-   yields ``p`` directly. Weights below exp(-36) are set to 0: subnormal floats made ``exp`` 8x slower.
+   yields ``p`` directly. Weights below exp(-36) are set to 0: subnormal floats make ``exp`` several times slower.
 2. Joint histograms as batched matrix products. For pixel ``i`` and shift ``d`` the joint histogram is
    ``U_i^T V_{i+d}`` with ``U`` (p*p x K) the weight rows of the s patch and ``V`` those of the y patch. The
    patch matrices are materialised once per grid position (``as_strided`` copy); the r*r candidates of a pixel
    are rows ``q + offset_d`` of the y table (``index_select``), and one ``bmm`` per chunk gives all r*r joint
-   histograms. "Outer product per pixel, then a p x p box filter" is memory bound (86 ms per shift at K = 27
-   against 21 ms for ``bmm``); the ``bmm`` orientation matters (K = 8: 5 ms as (K x p*p)(p*p x r*r*K), 16 ms the
-   other way round).
-3. Then the logarithms are the cost: ``sum p log(p + eps)`` over K*K entries per pixel and shift, ~1 ns per
-   entry (9.4 M entries, 10 ms at K = 8; 107 M, 110 ms at K = 27), more than the ``bmm``. So the entries that
-   are provably negligible are skipped: beyond ``sigma * sqrt(6^2 + (delta / 2 sigma)^2)`` (delta the bin
-   spacing) a sample's weight is below 1.5e-8 of its own largest bin weight, so a patch only touches the bins
-   within that margin of its [min, max] intensity (clamped to [0, 1]). Each grid position gets a bin window
-   ``[k0, k0 + L)``, ``L`` the narrowest of a few widths that fits (12, 16 or 27 at K = 27; 8 or 16 at K = 16);
-   the s side uses the s patch's window, the y side the widest of its r*r candidates'. Pixels are grouped by
-   (s width, y width) and each group computes L_s x L_y entries instead of K x K. On a BrainWeb PD/T1 slice at
-   K = 27, 61 % of the pixels fit 12 bins and 82 % fit 16: 223 ms dense -> 139 ms (K = 16: 87 -> 67 ms); PD
-   against uniform noise (a diffusion sample) 225 -> 160 ms, the clean source side still fits; noise against
-   noise, where nothing fits, within +-7 % of dense. At K = 8 the only width, 5 of 8 bins, was slower than
-   dense (45 against 38 ms), so K = 8 stays dense. Error: ~1e-8 in NMI on the tests' images (checked against
-   a plain float64 implementation at 1e-5).
-4. Memory traffic. Chunks of ~1 M histogram entries written into per-thread buffers (``out=``): allocating each
-   chunk's tensors anew page-faults and cost 1.8x (232 ms against 128 ms at K = 27). Images go through in
-   sub-batches of at most 256 MB of tables, so peak memory does not grow with the batch (0.25-0.39 GB at
-   batch 8, 256 x 256, any K, forward or forward + backward).
-5. Threads. The ops are many and small; under OpenMP each ends in a barrier, and on this shared 2-core machine a
-   barrier waits whenever another job holds a core: 1.3 s instead of 60 ms per image at K = 8 was measured
-   with 2 intra-op threads under a load average of 4. So on the CPU the layer runs with one intra-op thread
-   and spreads independent chunks over as many helper threads as the caller had intra-op threads (scoped to
-   the call; ``torch.get_num_threads()`` is restored). On a GPU everything is dense (no windows) and serial.
+   histograms. "Outer product per pixel, then a p x p box filter" is memory bound and slower than the ``bmm``;
+   the ``bmm`` runs as (K x p*p)(p*p x r*r*K), the faster of the two orientations.
+3. Then the logarithms are the cost: ``sum p log(p + eps)`` over K*K entries per pixel and shift costs more than
+   the ``bmm``. So the entries that are provably negligible are skipped: beyond
+   ``sigma * sqrt(6^2 + (delta / 2 sigma)^2)`` (delta the bin spacing) a sample's weight is below 1.5e-8 of its
+   own largest bin weight, so a patch only touches the bins within that margin of its [min, max] intensity
+   (clamped to [0, 1]). Each grid position gets a bin window ``[k0, k0 + L)``, ``L`` the narrowest of a few
+   widths that fits (12, 16 or 27 at K = 27; 8 or 16 at K = 16); the s side uses the s patch's window, the y side
+   the widest of its r*r candidates'. Pixels are grouped by (s width, y width) and each group computes L_s x L_y
+   entries instead of K x K. On brain images most pixels fit a narrow window; against a noisy diffusion sample
+   the clean source side still fits; where nothing fits (noise against noise) the cost stays that of the dense
+   computation. At K = 8 the only narrower width, 5 of 8 bins, is slower than dense, so K = 8 stays dense.
+   Error: ~1e-8 in NMI on the tests' images (checked against a plain float64 implementation at 1e-5).
+4. Memory traffic. Chunks of ~1 M histogram entries written into per-thread buffers (``out=``), reused from chunk
+   to chunk: allocating each chunk's tensors anew page-faults. Images go through in sub-batches of at most 256 MB
+   of tables, so peak memory does not grow with the batch.
+5. Threads. The ops are many and small; under OpenMP each ends in a barrier, and on a shared CPU a barrier waits
+   whenever another job holds a core, which can make a call many times slower. So on the CPU the layer runs with
+   one intra-op thread and spreads independent chunks over as many helper threads as the caller had intra-op
+   threads (scoped to the call; ``torch.get_num_threads()`` is restored). On a GPU everything is dense (no
+   windows) and serial.
 6. Gradients. The search runs under ``no_grad``. When a gradient is needed, each pixel's winning pair is
    evaluated again exactly (dense K x K) by an autograd Function whose backward is analytic and recomputes
    chunk by chunk: about 1/r^2 of the search's pairs, nothing of size B*H*W*K^2 is stored (an autograd graph
-   of the plain way needs ~2.4 GB for one 128 x 128 image at K = 27). The gradient of the max is the gradient
+   of the plain way stores every pair's K x K histogram). The gradient of the max is the gradient
    of the winning candidate; ``aligned`` is a gather of ``y`` and is differentiable with respect to ``y``.
 
 Inputs outside [0, 1] are allowed (the definition still applies; their weights just become small). Half-precision
@@ -284,7 +280,7 @@ def _tiers(num_bins: int, sigma: float, device: torch.device) -> list[int]:
         return [num_bins]
     delta = 1.0 / (num_bins - 1)
     flat = int(math.floor(2.0 * _tail_margin(num_bins, sigma) / delta)) + 1  # widest window of a constant patch
-    # (at K = 8 the only candidate, 5 of 8 bins, measured slower than dense: 45 against 38 ms)
+    # (at K = 8 the only candidate, 5 of 8 bins, is slower than dense: docs/method.md, "Computing LMI fast")
     return [width for width in (flat + 2, flat + 6) if width <= 0.6 * num_bins] + [num_bins]
 
 
@@ -307,10 +303,9 @@ def _cpu_threading(device: torch.device):
     """On the CPU: one intra-op thread, and as many chunk workers as the caller had intra-op threads.
 
     The layer's ops are many and small (~1 MB chunks); with OpenMP each one ends in a barrier, and on a shared,
-    busy CPU a barrier waits for a descheduled thread: 1.3 s instead of 60 ms per 128 x 128 image at K = 8 was
-    measured here under a load average of 4 on 2 cores. Independent chunks on plain threads do not wait on each
-    other. The caller's setting is restored on exit (``torch.set_num_threads`` is scoped to the call); nested
-    uses keep the outermost setting.
+    busy CPU a barrier waits for a descheduled thread, which can make a call many times slower (docs/method.md,
+    "Computing LMI fast"). Independent chunks on plain threads do not wait on each other. The caller's setting is
+    restored on exit (``torch.set_num_threads`` is scoped to the call); nested uses keep the outermost setting.
     """
     if device.type != "cpu":
         yield 1

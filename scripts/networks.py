@@ -2,8 +2,8 @@
 
 ``torch.nn.PixelUnshuffle(f)`` turns a (B, C, H, W) input into (B, C*f*f, H/f, W/f) without losing a pixel, the UNet
 works on that coarser grid, and ``PixelShuffle(f)`` puts its output back on the full grid. At f = 2 a training step
-costs about a sixth of the same UNet on the native 128 x 128 grid, while the output keeps the full resolution that
-the cortical ribbon needs (docs/README.md, "Training cost").
+costs a fraction of the same UNet on the native 128 x 128 grid, while the output keeps the full resolution that the
+cortical ribbon needs (measurements: docs/method.md, "What each measured choice bought").
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Gaussian bins as the LMI layer:
 with w_k the Gaussian bin weights of the source and G a Gaussian spatial window (wide enough to hold several tissue
 classes, narrow enough to follow a bias field). Applied to the denoiser's x0 estimate during reverse diffusion it
 keeps the anatomy of the source exactly while the diffusion prior (trained on T1w only) decides the intensities.
-It costs 2K separable blurs per image: milliseconds, no back-propagation through the network.
+It costs 2K separable blurs per image and no back-propagation through the network (docs/method.md, "Sampling").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The downstream segmenter that only ever saw the target modality: K-means (k = 3) on T1w brain intensities.
 
 Fitted on brain-voxel intensities of target training images (each scaled to [0, 1] by its 99.5th percentile), the
-clusters are ordered by mean intensity and named CSF < GM < WM, as T1w contrast orders them (docs/README.md,
-"Evaluation").
+clusters are ordered by mean intensity and named CSF < GM < WM, as T1w contrast orders them (docs/method.md,
+"Evaluation protocol").
 It is stored as plain JSON (cluster centres, scaling, versions), never as a pickle, and applied by nearest centre, so
 applying it needs neither scikit-learn nor trust in a binary file.
 """

@@ -1,9 +1,9 @@
 """Training-campaign helpers: resumable checkpoints, the shipped EMA weights, distributed set-up.
 
-Training on 2 CPU cores is measured in hours, so a run must be able to stop anywhere and continue later: the
-SafeCheckpointSaver writes one rolling full checkpoint (network, EMA network, optimizer, trainer state) and
-:func:`resume_handlers` loads the newest one when the config starts. The EMA weights alone are exported as the small
-inference model (``models/model.pt``).
+A training campaign on a CPU runs for hours over several sessions (docs/method.md, "Training the default
+translator"), so a run must be able to stop anywhere and continue later: the SafeCheckpointSaver writes one rolling
+full checkpoint (network, EMA network, optimizer, trainer state) and :func:`resume_handlers` loads the newest one
+when the config starts. The EMA weights alone are exported as the small inference model (``models/model.pt``).
 """
 
 from __future__ import annotations

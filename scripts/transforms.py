@@ -30,7 +30,7 @@ __all__ = [
 
 
 def robust_scale(image: np.ndarray | torch.Tensor, percentile: float = 99.5) -> np.ndarray | torch.Tensor:
-    """Scale to [0, 1] by the image's own `percentile` (clipped): the evaluation protocol of docs/README.md.
+    """Scale to [0, 1] by the image's own `percentile` (clipped): docs/method.md, "Evaluation protocol".
 
     A percentile rather than the maximum keeps a few hot voxels (Rician noise, vessels) from squashing the contrast.
     """
