@@ -134,6 +134,21 @@ def test_image_pool_fills_then_mixes_history_and_current_fakes():
         ImagePool(-1)
 
 
+def test_image_pool_resumes_with_its_history_and_random_state(tmp_path):
+    pool = ImagePool(pool_size=4, seed=3)
+    for step in range(5):
+        pool.query(torch.rand(3, 1, 2, 2) + step)
+    torch.save(pool.state_dict(), tmp_path / "pool.pt")
+    resumed = ImagePool(pool_size=4, seed=99)  # another seed: everything must come from the saved state
+    resumed.load_state_dict(torch.load(tmp_path / "pool.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(pool.images, resumed.images, strict=True)) and len(resumed) == 4
+    batch = torch.rand(6, 1, 2, 2) + 10
+    assert torch.equal(pool.query(batch), resumed.query(batch)), "the same swaps after the resume"
+    empty = ImagePool(pool_size=4)
+    empty.load_state_dict(ImagePool(pool_size=4).state_dict())
+    assert len(empty) == 0
+
+
 # ----------------------------------------------------------------------------------------------------- trainer
 def _tiny_networks(seed: int = 0):
     torch.manual_seed(seed)
@@ -268,7 +283,10 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
         "g_optimizer",
         "d_optimizer",
         "trainer",
+        "pool_a",
+        "pool_b",
     }
+    assert state["pool_a"]["images"].shape == (4, 1, 32, 32), "the image pools are part of the resume state"
     weights = torch.load(models / "cyclegan_generator.pt", weights_only=True)
 
     second = bundle_run(config_files("train_cyclegan"), *_overrides(cyclegan_dataset, models, epochs=2))

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import bundle_run, save_slice
+from helpers import BUNDLE_ROOT, bundle_run, save_slice
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from phantoms import phantom
 from torch.utils.data import DataLoader
@@ -25,6 +26,7 @@ from scripts.baselines.stylegan import (
 )
 from scripts.configs import config_files
 from scripts.inferers import SliceWiseInferer
+from scripts.transforms import head_mask
 
 TINY_SIZES = {"latent_dim": 16, "resolution": 16, "channel_base": 64, "channel_max": 16}
 TINY = [arg for key, value in TINY_SIZES.items() for arg in (f"--{key}", str(value))]
@@ -221,6 +223,24 @@ def test_inversion_output_is_a_deterministic_metatensor_in_range_with_the_meta()
     volume = source[..., None].repeat(1, 1, 1, 1, 2)
     volume = SliceWiseInferer(inferer, image_size=(32, 32), progress=False)(volume, generator)
     assert volume.shape == (1, 1, 32, 32, 2), "usable as the translator of SliceWiseInferer"
+
+
+@pytest.mark.parametrize("size, shift", [(80, 0), (100, 10), (128, 0)])
+def test_inversion_keeps_the_head_area_of_the_source(size, shift):
+    """The shipped generator, inverted on a PD-like phantom head of another size or position than the training
+    heads: the translation's head mask (scripts.transforms.head_mask) covers the source's within 10 %."""
+    parser = ConfigParser()
+    parser.read_config([BUNDLE_ROOT / f for f in config_files("evaluate", "stylegan")])
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "stylegan_steps": 60})
+    translator, network = parser.get_parsed_content("translator"), parser.get_parsed_content("network")
+    t1 = phantom(size, seed=0)
+    source = torch.zeros(1, 1, 128, 128)
+    corner = (128 - size) // 2
+    source[..., corner + shift : corner + shift + size, corner : corner + size] = torch.where(t1 > 0.05, 1.1 - t1, 0.0)
+    translated = translator.translate(source, network)
+    area_source = head_mask(source[0, 0].numpy()).sum()
+    area_translated = head_mask(np.asarray(translated[0, 0])).sum()
+    assert abs(area_translated / area_source - 1.0) < 0.10, (area_source, area_translated)
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,19 @@ class ImagePool:
     def __len__(self) -> int:
         return len(self.images)
 
+    def state_dict(self) -> dict:
+        """The stored images and the random state, so that a resumed campaign continues with the same history (part
+        of the CycleGAN resume state; tensors and ints only, as ``torch.load(weights_only=True)`` reads them)."""
+        version, state, gauss = self.rng.getstate()
+        images = torch.cat(self.images) if self.images else torch.zeros(0)
+        return {"images": images, "rng_version": version, "rng_state": torch.tensor(state, dtype=torch.int64),
+                "rng_gauss": gauss}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        images = state["images"]
+        self.images = [image.unsqueeze(0).clone() for image in images][: self.pool_size] if images.numel() else []
+        self.rng.setstate((int(state["rng_version"]), tuple(int(v) for v in state["rng_state"]), state["rng_gauss"]))
+
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of the same shape as `images`, mixing them with stored ones."""
         images = images.detach()
