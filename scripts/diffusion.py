@@ -26,26 +26,15 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
 from scripts.lmi import LocalMutualInformation
+from scripts.tensors import from_model_space, to_model_space
 
 __all__ = [
     "LMIConditioner",
     "LMIDiffusionPrepareBatch",
     "StaticConditiond",
-    "from_model_space",
     "model_output_from_x0",
-    "to_model_space",
     "x0_from_model_output",
 ]
-
-
-def to_model_space(image: torch.Tensor) -> torch.Tensor:
-    """[0, 1] image -> [-1, 1] diffusion space."""
-    return image * 2.0 - 1.0
-
-
-def from_model_space(sample: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] diffusion space -> [0, 1] image (clipped)."""
-    return ((sample + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
 def _alpha_bar(scheduler: Scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.inferers import Inferer
 
-from scripts.inferers import validate_source
 from scripts.io import InputError
+from scripts.tensors import validate_source
 from scripts.training import spread
 
 logger = logging.getLogger(__name__)

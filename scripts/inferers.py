@@ -26,18 +26,13 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
-from monai.utils import convert_to_dst_type, convert_to_tensor
+from monai.utils import convert_to_dst_type
 from tqdm import tqdm
 
 from scripts.configs import DEFAULT_METHOD, available_methods
-from scripts.diffusion import (
-    LMIConditioner,
-    from_model_space,
-    model_output_from_x0,
-    to_model_space,
-    x0_from_model_output,
-)
+from scripts.diffusion import LMIConditioner, model_output_from_x0, x0_from_model_output
 from scripts.projection import LocalConditionalMean
+from scripts.tensors import from_model_space, plain, to_model_space, validate_source
 from scripts.transforms import head_mask, in_plane_spacing, square_field_of_view
 
 logger = logging.getLogger(__name__)
@@ -49,30 +44,7 @@ __all__ = [
     "check_method",
     "check_num_steps",
     "check_sdedit_start",
-    "validate_source",
 ]
-
-
-def plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain ``torch.Tensor`` view of `tensor`: a MetaTensor sends every op of the UNet through Python meta-data
-    handling (measured: it bound the GPU training step and slowed the CPU one); meta data is restored on output."""
-    return convert_to_tensor(tensor, track_meta=False)
-
-
-def validate_source(inputs: torch.Tensor) -> None:
-    """Clear errors for inputs the translation cannot handle, before any network sees them."""
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"the source must be a torch.Tensor, got {type(inputs).__name__}.")
-    if inputs.ndim != 4:
-        raise ValueError(f"the source must be a batch of 2D images (B, 1, H, W), got shape {tuple(inputs.shape)}.")
-    if inputs.shape[1] != 1:
-        raise ValueError(f"the source must have one channel, got {inputs.shape[1]} (shape {tuple(inputs.shape)}).")
-    if not torch.isfinite(inputs).all():
-        raise ValueError("the source contains NaN or Inf values.")
-    flat = inputs.flatten(1)
-    empty = (flat.abs().amax(dim=1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"source image(s) {empty} of the batch are all zero: nothing to translate.")
 
 
 class LMIGuidedInferer(DiffusionInferer):

@@ -19,8 +19,9 @@ from scripts.diffusion import (
     model_output_from_x0,
     x0_from_model_output,
 )
-from scripts.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, check_method, validate_source
+from scripts.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, check_method
 from scripts.projection import LocalConditionalMean
+from scripts.tensors import validate_source
 from scripts.transforms import head_mask
 
 

@@ -22,10 +22,10 @@ from scripts.baselines.stylegan import (
     StyleGAN2Trainer,
     StyleGANInversionInferer,
     ema_copy,
-    to_unit,
 )
 from scripts.configs import config_files
 from scripts.inferers import SliceWiseInferer
+from scripts.tensors import from_model_space
 from scripts.transforms import head_mask
 
 TINY_SIZES = {"latent_dim": 16, "resolution": 16, "channel_base": 64, "channel_max": 16}
@@ -70,7 +70,7 @@ def test_generator_shapes_range_and_latent_count(resolution):
     images = generator(torch.randn(3, 16))
     assert images.shape == (3, 1, resolution, resolution) and torch.isfinite(images).all()
     assert generator.num_ws == 2 * int(np.log2(resolution)) - 2
-    unit = to_unit(images)
+    unit = from_model_space(images)
     assert unit.min() >= 0 and unit.max() <= 1 and unit.std() > 0
     discriminator = StyleGAN2Discriminator(resolution, channel_base=64)
     assert discriminator(images).shape == (3, 1)

@@ -9,7 +9,7 @@ diffusion model (``configs/train_cyclegan.json``).
 """
 
 from scripts.baselines.cyclegan.inferer import CycleGANInferer
-from scripts.baselines.cyclegan.networks import ResnetGenerator, discriminator, from_model_space, to_model_space
+from scripts.baselines.cyclegan.networks import ResnetGenerator, discriminator
 from scripts.baselines.cyclegan.source_subset import load_source_subset, select_source_subset
 from scripts.baselines.cyclegan.trainer import CycleGANTrainer, ImagePool
 
@@ -19,8 +19,6 @@ __all__ = [
     "ImagePool",
     "ResnetGenerator",
     "discriminator",
-    "from_model_space",
     "load_source_subset",
     "select_source_subset",
-    "to_model_space",
 ]

@@ -12,8 +12,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-from scripts.baselines.cyclegan.networks import from_model_space, to_model_space
-from scripts.inferers import plain, validate_source
+from scripts.tensors import from_model_space, plain, to_model_space, validate_source
 
 __all__ = ["CycleGANInferer"]
 

@@ -2,7 +2,7 @@
 (MONAI has no such generator in ``monai.networks.nets``) and MONAI's 2D PatchGAN discriminator with instance norm.
 
 Images are in [0, 1] outside the networks (as everywhere in the bundle) and in [-1, 1] inside them
-(``to_model_space`` / ``from_model_space``).
+(``scripts.tensors.to_model_space`` / ``from_model_space``).
 """
 
 from __future__ import annotations
@@ -13,17 +13,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import PatchDiscriminator
 
-__all__ = ["ResnetGenerator", "discriminator", "from_model_space", "to_model_space"]
-
-
-def to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images -> the networks' [-1, 1]."""
-    return images * 2.0 - 1.0
-
-
-def from_model_space(images: torch.Tensor) -> torch.Tensor:
-    """The networks' [-1, 1] -> [0, 1] images."""
-    return (images + 1.0) / 2.0
+__all__ = ["ResnetGenerator", "discriminator"]
 
 
 class ResnetGenerator(nn.Module):

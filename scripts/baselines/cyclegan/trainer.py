@@ -35,8 +35,7 @@ from monai.engines.utils import default_prepare_batch
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from scripts.baselines.cyclegan.networks import to_model_space
-from scripts.inferers import plain
+from scripts.tensors import plain, to_model_space
 
 __all__ = ["CycleGANTrainer", "ImagePool"]
 

@@ -14,7 +14,7 @@ handlers, inferer base and data pipeline).
 from scripts.baselines.stylegan.augment import AdaptiveAugment
 from scripts.baselines.stylegan.inversion import StyleGANInversionInferer
 from scripts.baselines.stylegan.layers import ModulatedConv2d
-from scripts.baselines.stylegan.networks import StyleGAN2Discriminator, StyleGAN2Generator, to_unit
+from scripts.baselines.stylegan.networks import StyleGAN2Discriminator, StyleGAN2Generator
 from scripts.baselines.stylegan.trainer import StyleGAN2Trainer, ema_copy
 
 __all__ = [
@@ -25,5 +25,4 @@ __all__ = [
     "StyleGAN2Trainer",
     "StyleGANInversionInferer",
     "ema_copy",
-    "to_unit",
 ]

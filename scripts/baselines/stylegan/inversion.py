@@ -14,9 +14,9 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 from tqdm import tqdm
 
-from scripts.baselines.stylegan.networks import StyleGAN2Generator, to_unit
-from scripts.inferers import plain, validate_source
+from scripts.baselines.stylegan.networks import StyleGAN2Generator
 from scripts.lmi import LocalMutualInformation
+from scripts.tensors import from_model_space, plain, validate_source
 from scripts.transforms import head_mask
 
 __all__ = ["StyleGANInversionInferer"]
@@ -204,7 +204,7 @@ class StyleGANInversionInferer(Inferer):
                     group["lr"] = self._learning_rate(step)
                 # Clipped to [0, 1] before the LMI: out-of-range intensities have small kernel weights, which makes
                 # the NMI ratio blow up (LMI(s, s + 1) is ~9x LMI(s, s)); an unclipped image would exploit that.
-                image = to_unit(network(None, noise=noises, ws=ws))
+                image = from_model_space(network(None, noise=noises, ws=ws))
                 lmi = (self.lmi(source_crop, image[crop])[0] * head_crop).flatten(1).sum(1) / head_pixels
                 loss_mask = 1.0 - _soft_dice(self._foreground(image), head)
                 loss_w = ((ws - w_mean) / w_std).square().flatten(1).mean(1)
@@ -223,7 +223,7 @@ class StyleGANInversionInferer(Inferer):
                             noise -= noise.mean(dim=(2, 3), keepdim=True)
                             noise *= noise.square().mean(dim=(2, 3), keepdim=True).add(1e-8).rsqrt()
         with torch.no_grad():
-            image = to_unit(network(None, noise=noises, ws=ws))
+            image = from_model_space(network(None, noise=noises, ws=ws))
         return {"ws": ws.detach(), "noise": [n.detach() for n in noises], "image": image, "history": history}
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]

@@ -25,13 +25,7 @@ __all__ = [
     "SynthesisNetwork",
     "ToRGB",
     "minibatch_stddev",
-    "to_unit",
 ]
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """Generator output ([-1, 1] training range) -> [0, 1] images, clipped."""
-    return ((images + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
 class MappingNetwork(nn.Module):
@@ -142,8 +136,9 @@ class StyleGAN2Generator(nn.Module):
     to ``resolution``, per resolution two modulated / demodulated 3 x 3 convolutions (one grouped convolution for the
     whole batch), the first after a bilinear 2x upsampling, per-layer noise inputs with a learned strength, and a toRGB
     skip output (modulated 1 x 1 convolution without demodulation) added to the upsampled image of the level below.
-    Trained in [-1, 1] (:func:`to_unit` maps to [0, 1]). The bundle's generator works at 64 x 64; for evaluation its
-    output is upsampled bilinearly to the 128 x 128 image grid (the inversion inferer does it).
+    Trained in [-1, 1] (``scripts.tensors.from_model_space`` maps to [0, 1]). The bundle's generator works at
+    64 x 64; for evaluation its output is upsampled bilinearly to the 128 x 128 image grid (the inversion inferer
+    does it).
 
     Args:
         latent_dim: size of z.

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from scripts.baselines.stylegan.augment import AdaptiveAugment
 from scripts.baselines.stylegan.networks import StyleGAN2Discriminator, StyleGAN2Generator
-from scripts.inferers import plain
+from scripts.tensors import plain, to_model_space
 
 __all__ = ["StyleGAN2Trainer", "ema_copy"]
 
@@ -149,7 +149,7 @@ class StyleGAN2Trainer(Trainer):
             reals = batchdata[0]
         else:
             reals = batchdata
-        reals = plain(reals).to(engine.state.device, non_blocking=engine.non_blocking).float() * 2.0 - 1.0
+        reals = to_model_space(plain(reals).to(engine.state.device, non_blocking=engine.non_blocking).float())
         batch = reals.shape[0]
         iteration = engine.state.iteration
         discriminator = engine.discriminator
