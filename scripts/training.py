@@ -33,6 +33,7 @@ __all__ = [
     "EpochLengthFromData",
     "SafeCheckpointSaver",
     "SetLearningRate",
+    "paired_slices",
     "paired_training_slices",
     "slice_sibling",
     "SourceLeakError",
@@ -291,19 +292,26 @@ def slice_sibling(path: str | os.PathLike, kind: str) -> Path | None:
 def paired_training_slices(datalist: str | os.PathLike, count: int, key: str = "source_training") -> list[dict]:
     """Validation entries from the training subjects' source slices: `count` of them, spread over the list.
 
-    The prepare workflow writes every contrast of a slice side by side (``<stem>_PDw.nii.gz``, ``_T1w``, ``_dseg``,
-    ``_mask``); this pairs each source slice with its target, labels and mask, in the layout of a ``testing`` entry.
-    These source images never reach training (only the target images of these subjects do), and no test subject is
-    among them, so settings can be chosen on them.
+    These source images never reach the diffusion training (only the target images of these subjects do), and no
+    test subject is among them, so settings can be chosen on them. See :func:`paired_slices` for the entries.
     """
     datalist = Path(datalist).resolve()
-    base = datalist.parent
     entries = json.loads(datalist.read_text()).get(key, [])
     if not entries:
         raise ValueError(f"{datalist}: no '{key}' entries to validate on.")
+    return paired_slices([{**e, "image": str(datalist.parent / e["image"])} for e in entries], count)
+
+
+def paired_slices(entries: list[dict], count: int) -> list[dict]:
+    """`count` of the source slices `entries` (resolved ``image`` paths), spread over the list, each paired with
+    its target, labels and mask in the layout of a ``testing`` entry.
+
+    The prepare workflow writes every contrast of a slice side by side (``<stem>_PDw.nii.gz``, ``_T1w``, ``_dseg``,
+    ``_mask``).
+    """
     paired = []
     for entry in spread(entries, count):
-        source = base / entry["image"]
+        source = Path(entry["image"])
         if not source.name.endswith("_PDw.nii.gz"):
             raise ValueError(f"{source}: not a source slice written by the prepare workflow (<stem>_PDw.nii.gz).")
         item = {"image": str(source)}

@@ -250,8 +250,13 @@ def cyclegan_dataset(tmp_path_factory) -> Path:
         subject = f"sub-0{i // 3 + 1}"
         t1 = phantom(32, seed=i)[0, 0].numpy()
         pd = np.where(t1 > 0, 1.1 - t1, 0)
-        datalist["training"].append({"image": save_slice(t1 * 800, root / f"t1_{i}.nii.gz"), "subject": subject})
-        datalist["source_training"].append({"image": save_slice(pd * 900, root / f"pd_{i}.nii.gz"), "subject": subject})
+        labels = np.digitize(t1, [0.05, 0.3, 0.7]) * (t1 > 0.05)
+        stem = f"{subject}_slice-{i:03d}"
+        datalist["training"].append({"image": save_slice(t1 * 800, root / f"{stem}_T1w.nii.gz"), "subject": subject})
+        source = save_slice(pd * 900, root / f"{stem}_PDw.nii.gz")
+        datalist["source_training"].append({"image": source, "subject": subject})
+        save_slice(labels, root / f"{stem}_dseg.nii.gz")  # what validation pairs each source slice with
+        save_slice(labels > 0, root / f"{stem}_mask.nii.gz")
     datalist["testing"].append({"image": datalist["source_training"][0]["image"], "subject": "sub-03"})
     (root / "datalist.json").write_text(json.dumps(datalist))
     return root
@@ -265,6 +270,8 @@ def _overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
         "--batch_size", "2",
         "--source_fraction", "0.5",
         "--train#trainer#max_epochs", str(epochs),
+        "--val_interval", "1",
+        "--num_val_slices", "2",
     ]  # fmt: skip
 
 
@@ -275,6 +282,8 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
     log = first.stdout + first.stderr
     assert "no checkpoint in" in log and "source subset: 3 of 6" in log
     assert "g_loss" in log and "cycle_loss" in log, "the losses are logged"
+    rows = (models / "training_log_cyclegan.csv").read_text().splitlines()
+    assert "val_dice" in rows[0] and len(rows) == 2, "validation on its own source subset, logged for the curve"
     checkpoint = models / "checkpoints_cyclegan" / "checkpoint_epoch_1.pt"
     assert checkpoint.is_file() and (models / "cyclegan_generator.pt").is_file()
     assert list((models / "logs" / "tensorboard").glob("events.*")), "TensorBoard events are written"
@@ -285,6 +294,7 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
         "trainer",
         "pool_a",
         "pool_b",
+        "wall_clock",
     }
     assert state["pool_a"]["images"].shape == (4, 1, 32, 32), "the image pools are part of the resume state"
     weights = torch.load(models / "cyclegan_generator.pt", weights_only=True)
