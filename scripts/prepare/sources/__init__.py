@@ -9,7 +9,7 @@ A new kind of input is a new ``Source`` subclass and a ``_target_`` entry in the
 """
 
 from scripts.prepare.sources.base import Source, SubjectSlices
-from scripts.prepare.sources.ixi import IXI_QUALITY, IXISource, head_mask
+from scripts.prepare.sources.ixi import IXI_QUALITY, IXISource, volume_head_mask
 from scripts.prepare.sources.labelmaps import FREESURFER_LABELS, MIXTURES, LabelMapSource
 from scripts.prepare.sources.mni import MNI_HEAD_LAYERS, MNI_SKULL_BASE, MNISource
 
@@ -24,5 +24,5 @@ __all__ = [
     "MNISource",
     "Source",
     "SubjectSlices",
-    "head_mask",
+    "volume_head_mask",
 ]

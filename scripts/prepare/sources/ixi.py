@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IXI_QUALITY", "IXISource", "head_mask"]
+__all__ = ["IXI_QUALITY", "IXISource", "volume_head_mask"]
 
 # registration-quality limits of the ixi source (see IXISource)
 IXI_QUALITY = {"max_metric": -0.2, "min_head_dice": 0.85, "max_mirror_gain": 0.05}
@@ -129,7 +129,7 @@ class IXISource(Source):
         _check_image(pd, pd_path, "IXI PD volume")
         _check_image(load_volume(t1_path, "IXI T1 volume")[0], t1_path, "IXI T1 volume")  # before the slow part
         pd_canon = to_canonical(pd.astype(np.float32), pd_aff)
-        head = head_mask(pd_canon.data)
+        head = volume_head_mask(pd_canon.data)
         if not head.any():
             raise DataPreparationError(f"IXI PD volume {pd_path}: no head found (empty image)")
         mirror = self.quality["max_mirror_gain"] is not None
@@ -167,7 +167,7 @@ class IXISource(Source):
     def _check_registration(self, subject, pd_path, t1_path, reg, head: np.ndarray, t1: np.ndarray) -> None:
         """Refuse a subject whose registered T1 is not aligned with its PD (limits ``self.quality``)."""
         q = self.quality
-        t1_head = head_mask(t1)
+        t1_head = volume_head_mask(t1)
         dice = 2.0 * np.logical_and(head, t1_head).sum() / max(1, int(head.sum()) + int(t1_head.sum()))
         gains = reg.mirror_gain
         logger.info(
@@ -214,9 +214,10 @@ def _check_image(volume: np.ndarray, path: Path, what: str) -> None:
         )
 
 
-def head_mask(volume: np.ndarray) -> np.ndarray:
-    """Head (foreground) mask of an MR volume: threshold above the noise, fill holes slice by slice, keep the
-    largest connected component."""
+def volume_head_mask(volume: np.ndarray) -> np.ndarray:
+    """Head (foreground) mask of a raw 3D MR volume, for registering IXI scans: threshold at 10 % of the 99.5th
+    percentile, keep the largest connected component, fill holes slice by slice. Whole scanner volumes (neck, bright
+    fat) need this; the 2D slices a translator sees use ``scripts.transforms.head_mask``, the bundle's head mask."""
     v = np.asarray(volume, dtype=np.float32)
     hi = float(np.percentile(v, 99.5))
     if hi <= 0:
