@@ -30,11 +30,11 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from scripts.baselines.gan_trainer import GANTrainer
 from scripts.tensors import plain, to_model_space
 
 __all__ = ["CycleGANTrainer", "ImagePool"]
@@ -108,7 +108,7 @@ def _cycle(loader: Iterable) -> Iterator:
             raise ValueError("the source data loader is empty.")
 
 
-class CycleGANTrainer(Trainer):
+class CycleGANTrainer(GANTrainer):
     """Unpaired CycleGAN training (A = source/PDw, B = target/T1w) as a MONAI ``Trainer``.
 
     One iteration: a target batch from `train_data_loader` (the epoch) and a source batch from an endless cycle over
@@ -164,20 +164,19 @@ class CycleGANTrainer(Trainer):
         super().__init__(
             device=device,
             max_epochs=max_epochs,
-            data_loader=train_data_loader,
+            train_data_loader=train_data_loader,
+            g_optimizer=g_optimizer,
+            d_optimizer=d_optimizer,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
             prepare_batch=prepare_batch,
-            handlers=train_handlers,
-            decollate=False,
+            train_handlers=train_handlers,
         )
         self.source_data_loader = source_data_loader
         self.generator_ab = generator_ab
         self.generator_ba = generator_ba
         self.discriminator_a = discriminator_a
         self.discriminator_b = discriminator_b
-        self.g_optimizer = g_optimizer
-        self.d_optimizer = d_optimizer
         self.lambda_cycle = float(lambda_cycle)
         self.lambda_identity = float(lambda_identity)
         self.pool_a = ImagePool(pool_size, seed=seed)
@@ -204,24 +203,21 @@ class CycleGANTrainer(Trainer):
             network.train()
 
         # generators (the discriminators' gradients are not needed here)
-        d_a.requires_grad_(False)
-        d_b.requires_grad_(False)
-        engine.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        fake_b = g_ab(real_a)
-        fake_a = g_ba(real_b)
-        cycle_loss = F.l1_loss(g_ba(fake_b), real_a) + F.l1_loss(g_ab(fake_a), real_b)
-        adv_loss = _lsgan(_patch_scores(d_b, fake_b), True) + _lsgan(_patch_scores(d_a, fake_a), True)
-        g_loss = adv_loss + engine.lambda_cycle * cycle_loss
-        identity_loss = torch.zeros((), device=real_b.device)
-        if engine.lambda_identity > 0:
-            identity_loss = F.l1_loss(g_ab(real_b), real_b) + F.l1_loss(g_ba(real_a), real_a)
-            g_loss = g_loss + engine.lambda_identity * engine.lambda_cycle * identity_loss
-        g_loss.backward()
-        engine.g_optimizer.step()
+        with engine.frozen(d_a, d_b):
+            engine.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            fake_b = g_ab(real_a)
+            fake_a = g_ba(real_b)
+            cycle_loss = F.l1_loss(g_ba(fake_b), real_a) + F.l1_loss(g_ab(fake_a), real_b)
+            adv_loss = _lsgan(_patch_scores(d_b, fake_b), True) + _lsgan(_patch_scores(d_a, fake_a), True)
+            g_loss = adv_loss + engine.lambda_cycle * cycle_loss
+            identity_loss = torch.zeros((), device=real_b.device)
+            if engine.lambda_identity > 0:
+                identity_loss = F.l1_loss(g_ab(real_b), real_b) + F.l1_loss(g_ba(real_a), real_a)
+                g_loss = g_loss + engine.lambda_identity * engine.lambda_cycle * identity_loss
+            g_loss.backward()
+            engine.g_optimizer.step()
 
         # discriminators, on real images and fakes from the history pools
-        d_a.requires_grad_(True)
-        d_b.requires_grad_(True)
         engine.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         pooled_b = engine.pool_b.query(fake_b)
         pooled_a = engine.pool_a.query(fake_a)

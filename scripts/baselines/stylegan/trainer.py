@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
+from scripts.baselines.gan_trainer import GANTrainer
 from scripts.baselines.stylegan.augment import AdaptiveAugment
 from scripts.baselines.stylegan.networks import StyleGAN2Discriminator, StyleGAN2Generator
 from scripts.tensors import plain, to_model_space
@@ -34,7 +34,7 @@ def ema_copy(network: nn.Module) -> nn.Module:
     return copy.deepcopy(network).eval().requires_grad_(False)
 
 
-class StyleGAN2Trainer(Trainer):
+class StyleGAN2Trainer(GANTrainer):
     """StyleGAN2-ADA training as a MONAI ``Trainer`` (ignite engine; handlers, checkpoints and resume as usual).
 
     Each iteration, on a batch of target images in [0, 1] (mapped to [-1, 1]):
@@ -95,17 +95,16 @@ class StyleGAN2Trainer(Trainer):
         super().__init__(
             device=device,
             max_epochs=max_epochs,
-            data_loader=train_data_loader,
+            train_data_loader=train_data_loader,
+            g_optimizer=g_optimizer,
+            d_optimizer=d_optimizer,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
             iteration_update=iteration_update,
-            handlers=train_handlers,
-            decollate=False,
+            train_handlers=train_handlers,
         )
         self.generator = generator
         self.discriminator = discriminator
-        self.g_optimizer = g_optimizer
-        self.d_optimizer = d_optimizer
         self.generator_ema = generator_ema
         self.augment = augment
         self.r1_gamma = float(r1_gamma)
@@ -180,14 +179,11 @@ class StyleGAN2Trainer(Trainer):
             engine.last_r1 = float(penalty.detach())
 
         # generator: non-saturating loss
-        discriminator.requires_grad_(False)
-        try:
+        with engine.frozen(discriminator):
             g_loss = F.softplus(-discriminator(engine._augment(engine.generate(batch)))).mean()
             engine.g_optimizer.zero_grad(set_to_none=True)
             g_loss.backward()
             engine.g_optimizer.step()
-        finally:
-            discriminator.requires_grad_(True)
         engine.update_ema(iteration)
 
         return {
