@@ -329,7 +329,14 @@ def network_evaluations(method: str, steps: int, sdedit_start: int, stylegan_ste
         return stylegan_steps
     if method == "lmi":
         return steps * samples  # `samples` translations per slice, averaged
-    return steps  # the other diffusion methods; SDEdit's schedule is stretched to walk `steps` below its start
+    if method == "sdedit":  # the DDIM schedule stretched to round(steps * T / start) steps, walked below the start
+        from monai.networks.schedulers import DDIMScheduler
+
+        total = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["num_train_timesteps"]
+        scheduler = DDIMScheduler(num_train_timesteps=total)
+        scheduler.set_timesteps(round(steps * total / sdedit_start))
+        return int((scheduler.timesteps <= sdedit_start).sum())
+    return steps  # the other diffusion methods
 
 
 def run_method(
