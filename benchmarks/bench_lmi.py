@@ -1,4 +1,4 @@
-"""Speed and peak memory of the LMI operator (``scripts/lmi.py``) against a plain per-pair implementation.
+"""Speed and peak memory of the LMI operator (``scripts/lmidiffusion/lmi.py``) against a plain per-pair implementation.
 
 For K = 8, 16, 27 bins, 128 x 128 and 256 x 256 images, batch 1 and 8, forward and forward + backward (gradient
 with respect to ``y``, the guidance-energy use), it times the accelerated layer and the plain one in the same run
@@ -20,7 +20,7 @@ How it measures:
   2-core machine, shared with other jobs, measures reproducibly; the second value (default 2) repeats the
   accelerated rows and the plain 128 x 128 batch-1 rows. With 2 threads the plain version's OpenMP barriers
   stall whenever the other jobs hold a core (wall time several times its CPU time); the accelerated layer runs
-  its chunks on its own threads, one intra-op thread each (see ``scripts/lmi.py``);
+  its chunks on its own threads, one intra-op thread each (see ``scripts/lmidiffusion/lmi.py``);
 - the plain forward processes one image at a time (its per-shift K x K tensors would otherwise need
   B*H*W*K^2 floats at once); plain forward + backward keeps every image's graph, and configurations whose
   estimated graph exceeds 3 GB are skipped (reported as skipped).
@@ -145,7 +145,7 @@ def run_worker(cfg: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(BUNDLE_ROOT))
-    from scripts.lmi import local_mutual_information
+    from scripts.lmidiffusion.lmi import local_mutual_information
 
     device = cfg["device"]
     torch.set_num_threads(cfg["threads"])
@@ -331,7 +331,7 @@ def main() -> None:
     import torch
 
     result = {
-        "benchmark": "LMI operator, accelerated (scripts/lmi.py) vs plain per-pair implementation",
+        "benchmark": "LMI operator, accelerated (scripts/lmidiffusion/lmi.py) vs plain per-pair implementation",
         "command": "python benchmarks/bench_lmi.py"
         + (" --quick" if args.quick else "")
         + (f" --device {args.device}" if args.device != "cpu" else ""),

@@ -7,7 +7,7 @@ evaluation grid (``paired_preprocessing`` of the configs: 128 x 128, source and 
 them), translates it with the inference workflow's ``SliceWiseInferer`` (the path a user's 3D volume takes) and
 measures, inside the brain mask:
 
-- the flicker, ``scripts.uncertainty.through_plane_flicker``: mean |difference| between adjacent slices of the
+- the flicker, ``through_plane_flicker`` (``scripts.lmidiffusion``): mean |difference| between adjacent slices of the
   translation, against the same for the real T1w volume (its anatomy changes too, so the T1w value is the floor);
 - the Dice of the shipped K-means segmenter on each translated slice (mean over CSF/GM/WM), so that a setting that
   flickers less but segments worse shows.
@@ -38,10 +38,10 @@ sys.path.insert(0, str(BUNDLE_ROOT))
 
 from scripts.configs import config_files  # noqa: E402
 from scripts.io import write_bytes_atomic, write_text_atomic  # noqa: E402
+from scripts.lmidiffusion.uncertainty import through_plane_flicker  # noqa: E402
 from scripts.segmentation import KMeansTissueSegmenter  # noqa: E402
 from scripts.training import slice_sibling  # noqa: E402
 from scripts.transforms import robust_scale  # noqa: E402
-from scripts.uncertainty import through_plane_flicker  # noqa: E402
 
 
 def load_volume(dataset: Path, subject: str, depth: int, transform, list_key: str) -> dict[str, np.ndarray]:

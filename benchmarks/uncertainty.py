@@ -3,9 +3,9 @@
 Runs the evaluation workflow of the default translator (``scripts.configs.config_files("evaluate")``) with
 ``--num_samples N`` on three sets: PDw slices of the *training* subjects (validation: their source images never reach
 training), the test subjects 13-16 (the compare.py slices) and the second-physics test set. Each slice gets the
-uncertainty score of ``scripts.uncertainty`` (mean per-pixel standard deviation of the samples inside the source's
-head mask) beside its Dice and SSIM. Prints, per set and N, the Spearman correlation of the score with the Dice loss
-(1 - Dice) and with 1 - SSIM, and the seconds per slice; writes ``benchmarks/results/uncertainty.json`` and
+uncertainty score (``scripts.lmidiffusion.uncertainty``; mean per-pixel standard deviation of the samples inside the
+source's head mask) beside its Dice and SSIM. Prints, per set and N, the Spearman correlation of the score with the Dice
+loss (1 - Dice) and with 1 - SSIM, and the seconds per slice; writes ``benchmarks/results/uncertainty.json`` and
 ``docs/images/uncertainty.png`` (source, translation, |translation - T1w| and the uncertainty map for the test slices
 with the highest and the lowest score).
 

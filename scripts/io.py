@@ -211,7 +211,8 @@ class TranslatedDatalistWriter:
 
     The file is a Decathlon/Auto3DSeg datalist: ``{list_key: [{"image": ..., "source_image": ..., <the input
     entry's other keys, e.g. "label">}, ...]}``, plus ``uncertainty_image`` and the ``uncertainty`` score (and
-    ``uncertainty_per_slice`` for a volume) when the translator drew several samples (``scripts.uncertainty``).
+    ``uncertainty_per_slice`` for a volume) when the translator drew several samples
+    (``scripts.lmidiffusion.uncertainty``).
     Every path is relative to `output_dir`, so Auto3DSeg's ``DataAnalyzer``/``AutoRunner`` or a segmentation bundle
     takes it with ``dataroot=output_dir`` (``list_key="training"`` for Auto3DSeg, which trains on labelled entries).
     `entries` are the input entries (paths resolved, as :func:`source_datalist` returns them); `work_dir` is where the
@@ -256,7 +257,7 @@ class TranslatedDatalistWriter:
                 entry["image"] = str(Path(item[self.key]).relative_to(self.work_dir))
                 if source:
                     entry["source_image"] = self._relative(source)
-                if "pred_std_path" in item:  # the spread of the samples (scripts.uncertainty)
+                if "pred_std_path" in item:  # the spread of the samples (scripts.lmidiffusion.uncertainty)
                     entry["uncertainty_image"] = str(Path(item["pred_std_path"]).relative_to(self.work_dir))
                 for key in ("uncertainty", "uncertainty_per_slice"):
                     if key in item:

@@ -1,4 +1,4 @@
-"""Target-only contrast randomisation (scripts.contrast) and the training pipeline that uses it."""
+"""Target-only contrast randomisation (scripts.lmidiffusion.contrast) and the training pipeline that uses it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from phantoms import phantom
 
-from scripts.contrast import RandContrastRemapd, intensity_clusters, random_levels, remap_intensities
+from scripts.lmidiffusion.contrast import RandContrastRemapd, intensity_clusters, random_levels, remap_intensities
 
 
 def _reference(seed: int, image: torch.Tensor | None = None) -> torch.Tensor:

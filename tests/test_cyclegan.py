@@ -25,7 +25,7 @@ from scripts.baselines.cyclegan import (
     select_source_subset,
 )
 from scripts.configs import config_files
-from scripts.inferers import SliceWiseInferer
+from scripts.lmidiffusion.inferers import SliceWiseInferer
 from scripts.training import load_weights
 
 TINY_SIZES = {"channels": 4, "num_downsamplings": 1, "num_residual_units": 1}

@@ -12,15 +12,15 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from phantoms import phantom
 
-from scripts.diffusion import (
+from scripts.lmidiffusion.diffusion import (
     LMIConditioner,
     LMIDiffusionPrepareBatch,
     StaticConditiond,
     model_output_from_x0,
     x0_from_model_output,
 )
-from scripts.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, check_method
-from scripts.projection import LocalConditionalMean
+from scripts.lmidiffusion.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, check_method
+from scripts.lmidiffusion.projection import LocalConditionalMean
 from scripts.tensors import validate_source
 from scripts.transforms import head_mask
 

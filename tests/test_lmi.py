@@ -1,4 +1,5 @@
-"""Tests of the Local Mutual Information operator (scripts/lmi.py) against its definition (docs/README.md)."""
+"""Tests of the Local Mutual Information operator (scripts/lmidiffusion/lmi.py) against its definition
+(docs/method.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scripts.lmi as lmi_module
-from scripts.lmi import LocalMutualInformation, local_mutual_information
+import scripts.lmidiffusion.lmi as lmi_module
+from scripts.lmidiffusion.lmi import LocalMutualInformation, local_mutual_information
 
 EPS = 1e-10
 DEFAULT_SIGMA = 8 / 255

@@ -24,7 +24,7 @@ from scripts.baselines.stylegan import (
     ema_copy,
 )
 from scripts.configs import config_files
-from scripts.inferers import SliceWiseInferer
+from scripts.lmidiffusion.inferers import SliceWiseInferer
 from scripts.tensors import from_model_space
 from scripts.transforms import head_mask
 

@@ -1,5 +1,5 @@
-"""The uncertainty of a translation (scripts.uncertainty): the spread of several samples as a map and a per-slice
-score, written beside the translation; and the through-plane flicker metric."""
+"""The uncertainty of a translation (scripts.lmidiffusion.uncertainty): the spread of several samples as a map and
+a per-slice score, written beside the translation; and the through-plane flicker metric."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from phantoms import phantom
 
-from scripts.uncertainty import SampleStdd, UncertaintyScore, through_plane_flicker, uncertainty_score
+from scripts.lmidiffusion.uncertainty import SampleStdd, UncertaintyScore, through_plane_flicker, uncertainty_score
 
 
 def test_flicker_is_zero_for_a_constant_volume_and_grows_with_the_change_between_slices():

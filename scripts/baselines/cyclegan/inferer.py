@@ -1,5 +1,5 @@
 """Translation with a trained CycleGAN generator, with the same input checks and output conventions as the diffusion
-inferers, for an evaluator or as the ``translator`` of ``scripts.inferers.SliceWiseInferer``."""
+inferers, for an evaluator or as the ``translator`` of ``scripts.lmidiffusion.inferers.SliceWiseInferer``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class CycleGANInferer(Inferer):
     input's meta data. Deterministic, no gradients; the network's train/eval mode is restored afterwards.
     """
 
-    method_names = ("cyclegan",)  # checked by scripts.inferers.check_method
+    method_names = ("cyclegan",)  # checked by scripts.lmidiffusion.inferers.check_method
 
     def __init__(self, image_size: Sequence[int] | None = None) -> None:
         super().__init__()

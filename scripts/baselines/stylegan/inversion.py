@@ -15,7 +15,7 @@ from monai.utils import convert_to_dst_type
 from tqdm import tqdm
 
 from scripts.baselines.stylegan.networks import StyleGAN2Generator
-from scripts.lmi import LocalMutualInformation
+from scripts.lmidiffusion.lmi import LocalMutualInformation
 from scripts.tensors import from_model_space, plain, validate_source
 from scripts.transforms import head_mask
 
@@ -61,7 +61,7 @@ class StyleGANInversionInferer(Inferer):
 
     Why this loss. A pixel loss (L1/L2, SSIM, perceptual features of a network trained on one contrast) would ask the
     T1w generator to reproduce PDw intensities, i.e. to invert to the wrong contrast or fail. The LMI of the bundle
-    (``scripts.lmi``, differentiable; 12 bins, sigma 0.07 as the diffusion conditioner) measures local statistical
+    (``scripts.lmidiffusion.lmi``, differentiable; 12 bins, sigma 0.07 as the conditioner) measures local statistical
     dependence between 3 x 3 patches, whatever one-to-one intensity map relates them, so maximising its mean over the
     head asks the generated T1w image to have the source's structures (edges, tissue boundaries) in the same places,
     with its own contrast. G is clipped to [0, 1] before the LMI: out-of-range intensities have small Parzen weights
@@ -99,7 +99,7 @@ class StyleGANInversionInferer(Inferer):
         progress: show a progress bar over the steps.
     """
 
-    method_names = ("stylegan",)  # checked by scripts.inferers.check_method
+    method_names = ("stylegan",)  # checked by scripts.lmidiffusion.inferers.check_method
 
     def __init__(
         self,
@@ -250,5 +250,5 @@ class StyleGANInversionInferer(Inferer):
         return output if isinstance(output, MetaTensor) else MetaTensor(output)
 
     def translate(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-        """Same as calling the inferer: the interface ``scripts.inferers.SliceWiseInferer`` uses."""
+        """Same as calling the inferer: the interface ``scripts.lmidiffusion.inferers.SliceWiseInferer`` uses."""
         return self(inputs, network)

@@ -6,7 +6,7 @@ timesteps=...)`` is the training forward pass, with the same conditioning code a
 
 - :class:`LMIGuidedInferer` (LMIDiffusion, Wang et al.): reverse diffusion from pure noise; at every step the denoiser
   sees ``LMI(source, x_t)``, ``LMI(source, source)`` and the head mask. Options beyond the paper: DDIM in few steps,
-  LMI-gradient guidance of the x0 estimate, and the LMI projection of the x0 estimate (``scripts.projection``).
+  LMI-gradient guidance of the x0 estimate, and the LMI projection of the x0 estimate (``projection``).
 - :class:`SDEditInferer` (Meng et al.): perturb the source to ``start_timestep`` and denoise with the same model.
 
 Inputs are (B, 1, H, W) source images scaled to [0, 1]; outputs are translated images in [0, 1] carrying the input's
@@ -30,8 +30,8 @@ from monai.utils import convert_to_dst_type
 from tqdm import tqdm
 
 from scripts.configs import DEFAULT_METHOD, available_methods
-from scripts.diffusion import LMIConditioner, model_output_from_x0, x0_from_model_output
-from scripts.projection import LocalConditionalMean
+from scripts.lmidiffusion.diffusion import LMIConditioner, model_output_from_x0, x0_from_model_output
+from scripts.lmidiffusion.projection import LocalConditionalMean
 from scripts.tensors import from_model_space, plain, to_model_space, validate_source
 from scripts.transforms import head_mask, in_plane_spacing, square_field_of_view
 
@@ -137,7 +137,7 @@ class LMIGuidedInferer(DiffusionInferer):
 
         In training, `inputs` are the clean target images and `reference` the images the conditioning is built from
         (the targets themselves when None; a contrast-randomised copy for the default translator). `static` holds
-        precomputed reference-only channels (``scripts.diffusion.StaticConditiond``) when the data pipeline cached
+        precomputed reference-only channels (``diffusion.StaticConditiond``) when the data pipeline cached
         them; otherwise they are computed here from the reference and `head`.
         """
         if noise is None or timesteps is None:
@@ -305,7 +305,7 @@ class SliceWiseInferer(Inferer):
     inputs do: a slice translates the same alone or in a volume, and neighbouring slices flicker less than with
     independent noise (docs/README.md, "Uncertainty and volumes"). When the translator
     reports the spread of its samples (``last_std``), the same geometry gives ``last_std`` of the output's shape
-    (``scripts.uncertainty``); otherwise ``last_std`` is None.
+    (``scripts.lmidiffusion.uncertainty``); otherwise ``last_std`` is None.
     """
 
     def __init__(

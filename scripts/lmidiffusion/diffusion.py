@@ -5,7 +5,7 @@ reference image (:class:`LMIConditioner`). At translation time the reference is 
 either the clean target itself (the paper's recipe: ``[x_t, LMI(ref, x_t), LMI(ref, ref), head]``; LMI is invariant to
 a one-to-one remapping of intensities, so T1w maps in training and PDw maps at translation time come from the same
 distribution) or a contrast-randomised copy of the target (the default translator: ``[x_t, head, ref]``, see
-``scripts.contrast``), so that the source is one more contrast of a family the network was trained on.
+``scripts.lmidiffusion.contrast``), so that the source is one more contrast of a family the network was trained on.
 The head mask is computed the same way from any contrast (``scripts.transforms.head_mask``) and tells the network
 where tissue is, which LMI cannot (it is 0 on any flat region, air and white matter alike).
 
@@ -25,7 +25,7 @@ from monai.networks.schedulers import Scheduler
 from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
-from scripts.lmi import LocalMutualInformation
+from scripts.lmidiffusion.lmi import LocalMutualInformation
 from scripts.tensors import from_model_space, to_model_space
 
 __all__ = [
@@ -74,7 +74,7 @@ class LMIConditioner(torch.nn.Module):
     (`use_head_mask`) and the reference itself (`use_reference`). The paper's recipe uses the first three; the default
     translator, trained on contrast-randomised references, sees the reference and the head mask: each LMI channel
     would cost one LMI evaluation of the batch per training step, and the reference carries everything the maps are
-    computed from (LMI guidance at sampling time stays available in ``scripts.inferers.LMIGuidedInferer``).
+    computed from (LMI guidance at sampling time stays available in ``scripts.lmidiffusion.inferers.LMIGuidedInferer``).
 
     Args:
         num_bins, patch_size, search_size, sigma: the LMI layer's parameters (docs/method.md, "Local mutual
@@ -167,7 +167,7 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
 
     The target follows the scheduler's ``prediction_type`` (epsilon, sample or v_prediction) in model space; the head
     mask under ``head_key``, precomputed static maps under ``static_key`` (see :class:`StaticConditiond`) and a
-    contrast-randomised reference under ``reference_key`` (``scripts.contrast``) are handed to the inferer when the
+    contrast-randomised reference under ``reference_key`` (``contrast``) are handed to the inferer when the
     batch has them; the inferer builds the conditioning from them and the noisy sample.
 
     ``high_noise_fraction`` of the timesteps are drawn from ``[high_noise_start, T)`` instead of ``[0, T)``: at high
