@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--figure", type=Path, default=BUNDLE_ROOT / "docs" / "images" / "training_curve.png")
     parser.add_argument("--output", type=Path, default=BUNDLE_ROOT / "benchmarks" / "results" / "training.json")
     parser.add_argument("--hardware", default="2-core x86_64 CPU, 1 torch thread (beside other work)")
+    parser.add_argument("--name", default="default translator", help="the model, for the figure's title")
     args = parser.parse_args(argv)
     if not args.log.is_file():
         raise SystemExit(f"error: training log not found: {args.log}")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/training_report.py",
     }
     write_text_atomic(args.output, json.dumps(summary, indent=4) + "\n")
-    title = f"default translator: {summary['steps']:,} steps, {summary['wall_hours']} h ({args.hardware})"
+    title = f"{args.name}: {summary['steps']:,} steps, {summary['wall_hours']} h ({args.hardware})"
     save_training_curve(rows, args.figure, title=title, metrics=("val_dice", "val_ssim", "val_psnr"))
     print(f"wrote {args.output} and {args.figure}")
     return summary
