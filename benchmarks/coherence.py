@@ -39,7 +39,7 @@ sys.path.insert(0, str(BUNDLE_ROOT))
 from scripts.configs import config_files  # noqa: E402
 from scripts.io import write_bytes_atomic, write_text_atomic  # noqa: E402
 from scripts.lmidiffusion.uncertainty import through_plane_flicker  # noqa: E402
-from scripts.segmentation import KMeansTissueSegmenter  # noqa: E402
+from scripts.segmentation import KMeansTissueSegmenter, tissue_dice  # noqa: E402
 from scripts.training import slice_sibling  # noqa: E402
 from scripts.transforms import robust_scale  # noqa: E402
 
@@ -64,15 +64,6 @@ def load_volume(dataset: Path, subject: str, depth: int, transform, list_key: st
     return {
         k: np.stack([np.asarray(item[k][0]) for item in items], axis=-1) for k in ("image", "target", "label", "mask")
     }
-
-
-def dice(labels: np.ndarray, truth: np.ndarray) -> float:
-    scores = []
-    for tissue in (1, 2, 3):
-        a, b = labels == tissue, truth == tissue
-        total = a.sum() + b.sum()
-        scores.append(2.0 * (a & b).sum() / total if total else 1.0)
-    return float(np.mean(scores))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             flicker.append(through_plane_flicker(scaled, mask=mask))
             floor.append(through_plane_flicker(volume["target"], mask=mask))
             labels = [segmenter(scaled[..., k], volume["mask"][..., k]) for k in range(args.depth)]
-            dices += [dice(labels[k], volume["label"][..., k]) for k in range(args.depth)]
+            dices += [tissue_dice(labels[k], volume["label"][..., k]) for k in range(args.depth)]
             if subject == next(iter(volumes)):
                 shown[(samples, noise)] = scaled
         row = {

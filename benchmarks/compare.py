@@ -50,6 +50,7 @@ sys.path.insert(0, str(BUNDLE_ROOT))
 
 from scripts.configs import DEFAULT_METHOD, config_files  # noqa: E402  (DEFAULT_METHOD: metadata's eval_metrics)
 from scripts.io import write_bytes_atomic, write_text_atomic  # noqa: E402
+from scripts.segmentation import tissue_dice  # noqa: E402
 
 METHOD_LABELS = {
     "identity": "Identity (source)",
@@ -221,16 +222,6 @@ def _to_grid(image: np.ndarray, size: int = 256, pool: int = 2) -> np.ndarray:
     padded[top : top + image.shape[0], left : left + image.shape[1]] = image
     pooled = padded.reshape(size // pool, pool, size // pool, pool).mean(axis=(1, 3))
     return np.ascontiguousarray(np.rot90(pooled, k=-1))
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Dice over CSF/GM/WM (1 for a class empty in both, as MONAI's DiceMetric with ignore_empty=False)."""
-    scores = []
-    for label in (1, 2, 3):
-        x, y = a == label, b == label
-        total = x.sum() + y.sum()
-        scores.append(2.0 * (x & y).sum() / total if total else 1.0)
-    return float(np.mean(scores))
 
 
 def real_fixture_dataset(
@@ -463,7 +454,7 @@ def run_brainweb_block(methods, args, run_dir: Path, fixtures: Path) -> tuple[di
         seg = np.asarray(
             nib.load(str(run_dir / "brainweb" / method / "images" / f"brainweb_PD_seg_{method}.nii.gz")).dataobj
         )
-        rows[method]["dice_vs_refit"] = _dice(np.round(seg), refit)
+        rows[method]["dice_vs_refit"] = tissue_dice(np.round(seg), refit)
     pixels = ", ".join(f"{k} {v}" for k, v in info["label_pixels"].items())
     refit_pixels = ", ".join(f"{k} {v}" for k, v in info["refit_label_pixels"].items())
     block = {
