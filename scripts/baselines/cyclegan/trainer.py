@@ -10,14 +10,16 @@ Commands (from the bundle root, after ``configs/prepare.json --source labelmaps`
 Baselines)::
 
     # CPU: the default config (50 epochs); resumes from models/checkpoints_cyclegan/ when a checkpoint is there
-    python -m monai.bundle run --config_file configs/train_cyclegan.json
+    python -m monai.bundle run \
+        --config_file "['configs/inference.json','configs/methods/cyclegan.json','configs/train_cyclegan.json']"
 
     # GPU (device is cuda when available): the same networks (so models/cyclegan_generator.pt matches the
-    # default generator_def), more epochs; a run stopped anywhere continues from its checkpoint
-    python -m monai.bundle run --config_file configs/train_cyclegan.json --train#trainer#max_epochs 200
+    # network_def of configs/methods/cyclegan.json), more epochs; a run stopped anywhere continues from its checkpoint
+    python -m monai.bundle run --train#trainer#max_epochs 200 \
+        --config_file "['configs/inference.json','configs/methods/cyclegan.json','configs/train_cyclegan.json']"
 
 Wider networks (e.g. ``--generator_channels 16 --discriminator_channels 32``) train on a GPU the same way, but then
-every config that rebuilds ``generator_def`` needs the same size overrides to load the exported weights. The generator
+every config that rebuilds ``network_def`` needs the same size overrides to load the exported weights. The generator
 source -> target is exported to ``models/cyclegan_generator.pt`` after every epoch; translate with
 ``CycleGANInferer``.
 """

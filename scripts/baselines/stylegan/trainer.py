@@ -5,10 +5,11 @@ Commands (from the bundle root; both resume from the newest checkpoint in ``mode
 the EMA generator's state dict to ``models/stylegan_generator.pt``; costs: ``docs/README.md``, Baselines)::
 
     # CPU: 64 x 64, batch 8, 300 epochs; one thread (OpenMP barriers slow two threads down on a shared CPU)
-    OMP_NUM_THREADS=1 python -m monai.bundle run --config_file configs/train_stylegan.json
+    OMP_NUM_THREADS=1 python -m monai.bundle run \\
+        --config_file "['configs/inference.json','configs/methods/stylegan.json','configs/train_stylegan.json']"
     # GPU: same config, bigger batch and more epochs
-    python -m monai.bundle run --config_file configs/train_stylegan.json \\
-        --batch_size 32 --train#trainer#max_epochs 2000 --checkpoint_interval 20
+    python -m monai.bundle run --batch_size 32 --train#trainer#max_epochs 2000 --checkpoint_interval 20 \\
+        --config_file "['configs/inference.json','configs/methods/stylegan.json','configs/train_stylegan.json']"
 """
 
 from __future__ import annotations
