@@ -29,7 +29,13 @@ WORKFLOWS = {
     "train_stylegan": ["configs/train_stylegan.json"],
 }
 # the method each training workflow trains (its method override comes before the workflow's files)
-TRAINED_METHOD = {"train_lmi_paper": "lmi_paper", "train_cyclegan": "cyclegan", "train_stylegan": "stylegan"}
+TRAINED_METHOD = {
+    "train": DEFAULT_METHOD,
+    "multi_gpu_train": DEFAULT_METHOD,
+    "train_lmi_paper": "lmi_paper",
+    "train_cyclegan": "cyclegan",
+    "train_stylegan": "stylegan",
+}
 
 
 def available_methods(bundle_root: str | Path = ".") -> list[str]:
@@ -48,11 +54,9 @@ def config_files(
     if method is not None and trained is not None and method != trained:
         raise ValueError(f"workflow '{workflow}' trains method '{trained}', not '{method}'")
     method = trained or method or DEFAULT_METHOD
-    if workflow in ("train", "multi_gpu_train") and method != DEFAULT_METHOD:
-        raise ValueError(f"workflow '{workflow}' trains method '{DEFAULT_METHOD}', not '{method}'")
     override = [] if method == DEFAULT_METHOD else [f"{METHODS_DIR}/{method}.json"]
-    if trained is None and workflow != "inference":
-        files = [BASE, *WORKFLOWS[workflow], *override]  # method last: its "+initialize" checks follow the workflow's
-    else:
+    if trained is None:  # inference, evaluation: the method last, so its "+initialize" checks follow the workflow's
+        files = [BASE, *WORKFLOWS[workflow], *override]
+    else:  # training: the method's network before the workflow that trains it
         files = [BASE, *override, *WORKFLOWS[workflow]]
     return [str(Path(bundle_root) / f) for f in files] if bundle_root is not None else files
