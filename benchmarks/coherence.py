@@ -37,9 +37,9 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
 from scripts.configs import config_files  # noqa: E402
+from scripts.evaluation import KMeansTissueSegmenter, tissue_dice  # noqa: E402
 from scripts.io import write_bytes_atomic, write_text_atomic  # noqa: E402
 from scripts.lmidiffusion.uncertainty import through_plane_flicker  # noqa: E402
-from scripts.segmentation import KMeansTissueSegmenter, tissue_dice  # noqa: E402
 from scripts.training import slice_sibling  # noqa: E402
 from scripts.transforms import robust_scale  # noqa: E402
 

@@ -49,8 +49,8 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
 from scripts.configs import DEFAULT_METHOD, config_files  # noqa: E402  (DEFAULT_METHOD: metadata's eval_metrics)
+from scripts.evaluation import tissue_dice  # noqa: E402
 from scripts.io import write_bytes_atomic, write_text_atomic  # noqa: E402
-from scripts.segmentation import tissue_dice  # noqa: E402
 
 METHOD_LABELS = {
     "identity": "Identity (source)",
@@ -244,7 +244,7 @@ def real_fixture_dataset(
     import scipy.io
     from matplotlib.image import imread
 
-    from scripts.segmentation import KMeansTissueSegmenter, fit_segmenter
+    from scripts.evaluation import KMeansTissueSegmenter, fit_segmenter
     from scripts.transforms import head_mask, robust_scale
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -605,8 +605,7 @@ def figure(result: dict, run_dir: Path, dataset: Path, path: Path, rows: int = 3
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from scripts.evaluation import load_evaluation_datalist
-    from scripts.segmentation import KMeansTissueSegmenter
+    from scripts.evaluation import KMeansTissueSegmenter, load_evaluation_datalist
     from scripts.transforms import robust_scale
 
     segmenter = KMeansTissueSegmenter.load(BUNDLE_ROOT / "models" / "segmenter.json")

@@ -104,7 +104,7 @@ def figure(dataset: Path, raw: dict[str, dict], samples: int, model: Path, path:
                  for k, v in by_name[Path(case).name].items()}  # fmt: skip
         item = transform(entry)
         with torch.no_grad():
-            mean = translator.translate(item["image"][None].float(), network)[0, 0].numpy()
+            mean = translator.sample(item["image"][None].float(), network)[0, 0].numpy()
         std = translator.last_std[0, 0].numpy()
         target = item["target"][0].numpy()
         vmax = vmax or float(np.percentile(std, 99.5))

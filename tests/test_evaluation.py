@@ -18,10 +18,9 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from phantoms import phantom
 
 from scripts.configs import config_files
-from scripts.evaluation import TimedInferer
+from scripts.evaluation import KMeansTissueSegmenter, TimedInferer
 from scripts.io import PublishOutputs
-from scripts.publishing import MARKER, new_staging_dir, write_marker
-from scripts.segmentation import KMeansTissueSegmenter
+from scripts.io.publishing import MARKER, new_staging_dir, write_marker
 from scripts.transforms import robust_scale
 
 SIZE = ["--image_size", "[32, 32]"]

@@ -19,7 +19,13 @@ from scripts.lmidiffusion.diffusion import (
     model_output_from_x0,
     x0_from_model_output,
 )
-from scripts.lmidiffusion.inferers import LMIGuidedInferer, SDEditInferer, SliceWiseInferer, check_method
+from scripts.lmidiffusion.inferers import (
+    LMIGuidedInferer,
+    SamplingInferer,
+    SDEditInferer,
+    SliceWiseInferer,
+    check_method,
+)
 from scripts.lmidiffusion.projection import LocalConditionalMean
 from scripts.tensors import validate_source
 from scripts.transforms import head_mask
@@ -74,11 +80,12 @@ def test_training_target_matches_the_scheduler(conditioner, network):
 def test_translation_is_deterministic_in_range_and_keeps_meta(conditioner, network):
     source = MetaTensor(phantom(), meta={"filename_or_obj": "case.nii.gz"})
     inferer = make_inferer(conditioner, projection=LocalConditionalMean(spatial_sigma=4), seed=3)
-    first, second = inferer(source, network), inferer(source, network)
+    first, second = inferer.sample(source, network), inferer.sample(source, network)
     assert isinstance(first, MetaTensor) and first.meta["filename_or_obj"] == "case.nii.gz"
     assert first.shape == source.shape and 0.0 <= float(first.min()) and float(first.max()) <= 1.0
     assert torch.equal(first, second)
-    other_seed = make_inferer(conditioner, projection=LocalConditionalMean(spatial_sigma=4), seed=4)(source, network)
+    other_seed = make_inferer(conditioner, projection=LocalConditionalMean(spatial_sigma=4), seed=4)
+    other_seed = other_seed.sample(source, network)
     assert not torch.equal(first, other_seed)
     head = torch.from_numpy(head_mask(source[0, 0].numpy()))
     assert float(first[0, 0][head == 0].abs().max()) == 0.0, "outside the head the translation must be 0"
@@ -86,7 +93,7 @@ def test_translation_is_deterministic_in_range_and_keeps_meta(conditioner, netwo
 
 def test_model_grid_differs_from_image_grid(conditioner, network):
     source = phantom(48)
-    out = make_inferer(conditioner, model_size=(32, 32), projection=LocalConditionalMean(spatial_sigma=4))(
+    out = make_inferer(conditioner, model_size=(32, 32), projection=LocalConditionalMean(spatial_sigma=4)).sample(
         source, network
     )
     assert out.shape == source.shape
@@ -110,6 +117,16 @@ def test_sdedit_walks_only_the_steps_below_its_start(conditioner, network):
     assert int(steps.max()) <= 300 and len(steps) == 3
     with pytest.raises(ValueError, match="start_timestep"):
         SDEditInferer(scheduler, conditioner, start_timestep=1000)
+
+
+def test_call_is_the_training_pass_and_the_sampling_adapter_translates(conditioner, network):
+    inferer = make_inferer(conditioner, seed=3)
+    source = phantom()
+    with pytest.raises(ValueError, match="training forward pass.*sample"):
+        inferer(source, network)
+    assert torch.equal(SamplingInferer(inferer)(source, network), inferer.sample(source, network))
+    with pytest.raises(TypeError, match="sample"):
+        SamplingInferer(torch.nn.Identity())
 
 
 @pytest.mark.parametrize("method", ["lmi", "sdedit"])
@@ -154,7 +171,7 @@ def test_volumes_are_translated_slice_by_slice(conditioner, network):
 class _Recorder:
     """A translator that returns its input and keeps what it was given."""
 
-    def translate(self, inputs, network):
+    def sample(self, inputs, network):
         self.seen = inputs.clone()
         return inputs
 
@@ -219,14 +236,14 @@ def test_cached_static_maps_give_the_same_training_forward(conditioner, network)
 def test_ddpm_ancestral_sampling_is_seeded(conditioner, network):
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
     inferer = LMIGuidedInferer(scheduler, conditioner, num_inference_steps=3, seed=1)
-    first, second = inferer(phantom(), network), inferer(phantom(), network)
+    first, second = inferer.sample(phantom(), network), inferer.sample(phantom(), network)
     assert torch.equal(first, second) and first.shape == (1, 1, 32, 32)
 
 
 def test_lmi_guidance_raises_the_lmi_with_the_source(conditioner, network):
     source = phantom(32, seed=2)
-    plain = make_inferer(conditioner, mask_background=False)(source, network)
-    guided = make_inferer(conditioner, mask_background=False, guidance_scale=0.05)(source, network)
+    plain = make_inferer(conditioner, mask_background=False).sample(source, network)
+    guided = make_inferer(conditioner, mask_background=False, guidance_scale=0.05).sample(source, network)
     assert not torch.equal(plain, guided)
     lmi = conditioner.lmi
     assert float(lmi(source, guided)[0].mean()) > float(lmi(source, plain)[0].mean())
@@ -243,9 +260,9 @@ def test_guidance_every_skips_the_gradient_on_the_other_steps(conditioner, netwo
 
     monkeypatch.setattr(LMIGuidedInferer, "_guide", spy)
     every_other = make_inferer(conditioner, mask_background=False, guidance_scale=0.05, guidance_every=2)
-    result = every_other(source, network)
+    result = every_other.sample(source, network)
     assert calls == [i % 2 == 0 for i in range(every_other.num_inference_steps)]
-    every_step = make_inferer(conditioner, mask_background=False, guidance_scale=0.05)(source, network)
+    every_step = make_inferer(conditioner, mask_background=False, guidance_scale=0.05).sample(source, network)
     assert not torch.equal(result, every_step)
     with pytest.raises(ValueError, match="guidance_every"):
         make_inferer(conditioner, guidance_every=0)
@@ -255,12 +272,12 @@ def test_several_samples_per_image_are_averaged_and_their_spread_kept(conditione
     source = torch.cat([phantom(32, seed=1), phantom(32, seed=2)])
     single = make_inferer(conditioner, eta=1.0)
     several = make_inferer(conditioner, eta=1.0, num_samples=3)
-    mean = several.translate(source, network)
+    mean = several.sample(source, network)
     assert mean.shape == source.shape and several.last_std.shape == source.shape
     assert float(several.last_std.mean()) > 0, "the samples differ"
-    assert single.last_std is None and single.translate(source, network).shape == source.shape
-    stacked = several._translate_once(source.repeat_interleave(3, 0), network).view(2, 3, 1, 32, 32)
+    assert single.last_std is None and single.sample(source, network).shape == source.shape
+    stacked = several._sample_once(source.repeat_interleave(3, 0), network).view(2, 3, 1, 32, 32)
     assert torch.allclose(stacked.mean(1), mean, atol=1e-6), "the mean of one batch of 3 noise draws per image"
-    assert torch.allclose(several.translate(source, network), mean), "reproducible for a seed"
+    assert torch.allclose(several.sample(source, network), mean), "reproducible for a seed"
     with pytest.raises(ValueError, match="num_samples"):
         make_inferer(conditioner, num_samples=0)

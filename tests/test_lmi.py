@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scripts.lmidiffusion.lmi as lmi_module
+import scripts.lmidiffusion.cpu_workers as cpu_workers
+import scripts.lmidiffusion.lmi_kernels as lmi_kernels
 from scripts.lmidiffusion.lmi import LocalMutualInformation, local_mutual_information
 
 EPS = 1e-10
@@ -149,8 +150,8 @@ def test_matches_reference_with_grad_path(setting):
 @pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[2]], ids=lambda v: f"K{v[2]}")
 def test_dense_chunked_path_matches_reference(monkeypatch, setting):
     """The GPU path (no bin windows), with tiny chunks and one image per sub-batch, run on the CPU."""
-    monkeypatch.setattr(lmi_module, "_tiers", lambda num_bins, sigma, device: [num_bins])
-    monkeypatch.setattr(lmi_module, "_budgets", lambda device: (20_000, 1))
+    monkeypatch.setattr(lmi_kernels, "bin_window_widths", lambda num_bins, sigma, device: [num_bins])
+    monkeypatch.setattr(lmi_kernels, "chunk_budgets", lambda device: (20_000, 1))
     s, y = _pair("structured", (9, 13), seed=5)
     _check_against_reference(s, y, setting)
     _check_against_reference(s, y, setting, grad=True)
@@ -158,7 +159,7 @@ def test_dense_chunked_path_matches_reference(monkeypatch, setting):
 
 def test_parallel_chunk_workers_match_and_restore_thread_count(monkeypatch):
     """With 2 intra-op threads the CPU chunks run on 2 worker threads: same numbers, caller's setting restored."""
-    monkeypatch.setattr(lmi_module, "_budgets", lambda device: (20_000, 1 << 30))  # many chunks
+    monkeypatch.setattr(lmi_kernels, "chunk_budgets", lambda device: (20_000, 1 << 30))  # many chunks
     s, y = _pair("structured", (12, 11), seed=6)
     results = {}
     for threads in (1, 2):
@@ -183,7 +184,7 @@ def test_worker_errors_propagate():
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        lmi_module._run_tasks(fail, list(range(6)), workers=2)
+        cpu_workers.run_tasks(fail, list(range(6)), workers=2)
 
 
 def test_float32_close_to_float64_reference():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers import BUNDLE_ROOT, TINY_IXI, bundle_command, bundle_env, bundle_run, ended_pid
 
+from scripts.io.publishing import MARKER
 from scripts.prepare import (
     DataPreparationError,
     DatasetPreparer,
@@ -26,7 +27,6 @@ from scripts.prepare import (
     simulate_volume,
 )
 from scripts.prepare.registration import RegistrationError, register_rigid_affine
-from scripts.publishing import MARKER
 
 TINY_MNI = {"spatial_size": (32, 32), "max_slices_per_subject": 2}
 TINY_MNI_ARGS = ["--spatial_size", "[32, 32]", "--max_slices_per_subject", "2"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.segmentation import KMeansTissueSegmenter, TissueSegmentd, fit_segmenter
+from scripts.evaluation import KMeansTissueSegmenter, TissueSegmentd, fit_segmenter
 
 
 def t1_like(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

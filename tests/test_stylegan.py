@@ -237,7 +237,7 @@ def test_inversion_keeps_the_head_area_of_the_source(size, shift):
     source = torch.zeros(1, 1, 128, 128)
     corner = (128 - size) // 2
     source[..., corner + shift : corner + shift + size, corner : corner + size] = torch.where(t1 > 0.05, 1.1 - t1, 0.0)
-    translated = translator.translate(source, network)
+    translated = translator.sample(source, network)
     area_source = head_mask(source[0, 0].numpy()).sum()
     area_translated = head_mask(np.asarray(translated[0, 0])).sum()
     assert abs(area_translated / area_source - 1.0) < 0.10, (area_source, area_translated)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.training import ClipGradients, SetLearningRate, SourceLeakError, TrainingLog, WallClock, target_only
+from scripts.training import ClipGradients, LearningRateSchedule, SourceLeakError, TrainingLog, WallClock, target_only
 
 
 def test_target_only_accepts_target_images():
@@ -70,10 +70,22 @@ def test_clip_gradients_bounds_the_global_norm():
         ClipGradients(network, max_norm=0)
 
 
-def test_set_learning_rate_overrides_every_group():
-    optimizer = torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-3}])
-    SetLearningRate(optimizer, 5e-4)(None)
-    assert [g["lr"] for g in optimizer.param_groups] == [5e-4]
+def test_learning_rate_schedule_holds_then_decays_linearly_and_overrides_every_group():
+    from types import SimpleNamespace
+
+    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-3} for _ in range(2)]
+    optimizer = torch.optim.AdamW(groups)
+    schedule = LearningRateSchedule(optimizer, 5e-4, decay_start=100, decay_steps=40, final_lr=1e-4)
+    expected = {1: 5e-4, 100: 5e-4, 110: 4e-4, 120: 3e-4, 140: 1e-4, 10_000: 1e-4}
+    for iteration, lr in expected.items():
+        schedule(SimpleNamespace(state=SimpleNamespace(iteration=iteration)))
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr, lr]), iteration
+    constant = LearningRateSchedule(optimizer, 5e-4)
+    assert constant.rate(1) == constant.rate(10**6) == 5e-4
+    with pytest.raises(ValueError, match="final_learning_rate"):
+        LearningRateSchedule(optimizer, 5e-4, decay_start=0, decay_steps=10, final_lr=1e-3)
+    with pytest.raises(ValueError, match="lr_decay_start"):
+        LearningRateSchedule(optimizer, 5e-4, decay_start=-1)
 
 
 def test_resume_skips_objects_the_checkpoint_lacks_and_falls_back_past_an_unreadable_one(tmp_path, caplog):
@@ -137,7 +149,7 @@ def test_checkpoint_saver_writes_through_a_temporary_file_and_keeps_the_last_loa
         (Path(path).parent / f".{Path(path).name}.xyz.tmp").write_bytes(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("scripts.io.write_bytes_atomic", killed)
+    monkeypatch.setattr("scripts.io.atomic.write_bytes_atomic", killed)
     trainer.state.epoch = 3
     with pytest.raises(KeyboardInterrupt):
         saver(trainer)

@@ -81,7 +81,7 @@ def test_score_is_higher_on_a_corrupted_input_than_on_a_clean_one():
     scores = {}
     for name, batch in (("clean", clean), ("blurred", blurred)):
         transform = SampleStdd(inferer=translator)
-        prediction = translator.translate(batch, network)
+        prediction = translator.sample(batch, network)
         scores[name] = [transform({"image": batch[i], "pred": prediction[i]})["uncertainty"] for i in range(len(batch))]
     assert all(b > 1.2 * c for b, c in zip(scores["blurred"], scores["clean"], strict=True)), scores
 

@@ -21,6 +21,7 @@ from scripts.lmidiffusion.diffusion import (
 )
 from scripts.lmidiffusion.inferers import (
     LMIGuidedInferer,
+    SamplingInferer,
     SDEditInferer,
     SliceWiseInferer,
     check_method,
@@ -41,6 +42,7 @@ __all__ = [
     "RandContrastRemapd",
     "SDEditInferer",
     "SampleStdd",
+    "SamplingInferer",
     "SliceWiseInferer",
     "SpaceToDepthDiffusionUNet",
     "StaticConditiond",

@@ -1,13 +1,16 @@
 """Inferers that translate a source-modality image with a diffusion model trained on the target modality only.
 
-Both are ``monai.inferers.DiffusionInferer`` subclasses and work as the ``inferer`` of a ``SupervisedEvaluator``
-(``inferer(inputs, network)`` translates) and of a ``SupervisedTrainer`` (``inferer(inputs, network, noise=...,
-timesteps=...)`` is the training forward pass, with the same conditioning code as sampling so the two cannot drift).
+They follow MONAI's ``DiffusionInferer`` contract: ``inferer(inputs, network, noise=..., timesteps=...)`` is the
+training forward pass (with the same conditioning code as sampling, so the two cannot drift) and
+``inferer.sample(inputs, network)`` translates. :class:`SamplingInferer` is the thin adapter that lets an engine
+(a ``SupervisedEvaluator``) translate through ``inferer(inputs, network)``; every translator of the bundle, the GAN
+baselines' included, has that ``sample`` method.
 
 - :class:`LMIGuidedInferer` (LMIDiffusion, Wang et al.): reverse diffusion from pure noise; at every step the denoiser
   sees ``LMI(source, x_t)``, ``LMI(source, source)`` and the head mask. Options beyond the paper: DDIM in few steps,
   LMI-gradient guidance of the x0 estimate, and the LMI projection of the x0 estimate (``projection``).
 - :class:`SDEditInferer` (Meng et al.): perturb the source to ``start_timestep`` and denoise with the same model.
+- :class:`SliceWiseInferer`: any translator on slices or volumes of any in-plane size.
 
 Inputs are (B, 1, H, W) source images scaled to [0, 1]; outputs are translated images in [0, 1] carrying the input's
 meta data. The model may work on a coarser grid (``model_size``) than the image: the source is resampled to it, and
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LMIGuidedInferer",
     "SDEditInferer",
+    "SamplingInferer",
     "SliceWiseInferer",
     "check_method",
     "check_num_steps",
@@ -133,15 +137,18 @@ class LMIGuidedInferer(DiffusionInferer):
         reference: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Training forward pass when `noise` and `timesteps` are given, otherwise a translation of `inputs`.
+        """The training forward pass: the network's output for `inputs` noised with `noise` to `timesteps`.
 
-        In training, `inputs` are the clean target images and `reference` the images the conditioning is built from
-        (the targets themselves when None; a contrast-randomised copy for the default translator). `static` holds
-        precomputed reference-only channels (``diffusion.StaticConditiond``) when the data pipeline cached
-        them; otherwise they are computed here from the reference and `head`.
+        `inputs` are the clean target images and `reference` the images the conditioning is built from (the targets
+        themselves when None; a contrast-randomised copy for the default translator). `static` holds precomputed
+        reference-only channels (``diffusion.StaticConditiond``) when the data pipeline cached them; otherwise they
+        are computed here from the reference and `head`. Translation is :meth:`sample`.
         """
         if noise is None or timesteps is None:
-            return self.translate(inputs, network, head=head)
+            raise ValueError(
+                f"{type(self).__name__}(inputs, network) is the training forward pass and needs noise and timesteps; "
+                "translate with .sample(inputs, network), or give an engine SamplingInferer(translator)"
+            )
         target = plain(inputs).float()
         reference = target if reference is None else plain(reference).to(target)
         noisy = self.scheduler.add_noise(original_samples=to_model_space(target), noise=noise, timesteps=timesteps)
@@ -203,7 +210,7 @@ class LMIGuidedInferer(DiffusionInferer):
         return x0.clamp(-1.0, 1.0)
 
     @torch.no_grad()
-    def translate(
+    def sample(  # type: ignore[override]
         self, inputs: torch.Tensor, network: torch.nn.Module, head: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Translate a (B, 1, H, W) batch of [0, 1] source images; returns [0, 1] images with the input's meta.
@@ -214,16 +221,16 @@ class LMIGuidedInferer(DiffusionInferer):
         validate_source(inputs)
         if self.num_samples == 1:
             self.last_std = None  # one sample: no spread to report
-            return self._translate_once(inputs, network, head)
+            return self._sample_once(inputs, network, head)
         count, batch = self.num_samples, inputs.shape[0]
         repeated = plain(inputs).repeat_interleave(count, 0)
         heads = None if head is None else plain(head).repeat_interleave(count, 0)
-        samples = plain(self._translate_once(repeated, network, heads)).view(batch, count, *inputs.shape[1:])
+        samples = plain(self._sample_once(repeated, network, heads)).view(batch, count, *inputs.shape[1:])
         self.last_std = samples.std(1)
         return convert_to_dst_type(samples.mean(1), dst=inputs)[0]
 
     @torch.no_grad()
-    def _translate_once(
+    def _sample_once(
         self, inputs: torch.Tensor, network: torch.nn.Module, head: torch.Tensor | None = None
     ) -> torch.Tensor:
         source_full = plain(inputs).float().clamp(0.0, 1.0)
@@ -294,6 +301,25 @@ class SDEditInferer(LMIGuidedInferer):
         return self.scheduler.add_noise(to_model_space(source), noise, t0), remaining
 
 
+class SamplingInferer(Inferer):
+    """Engine adapter: ``inferer(inputs, network)`` returns ``translator.sample(inputs, network)``.
+
+    A ``SupervisedEvaluator`` calls its inferer as ``inferer(inputs, network)``, which for a diffusion inferer is the
+    training forward pass; this adapter makes the evaluator translate instead (as the validation during training and
+    ``configs/evaluate.json`` need), for any translator with a ``sample`` method.
+    """
+
+    def __init__(self, translator: Inferer) -> None:
+        super().__init__()
+        if not callable(getattr(translator, "sample", None)):
+            name = type(translator).__name__
+            raise TypeError(f"the translator must have a sample(inputs, network) method, got {name}")
+        self.translator = translator
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        return self.translator.sample(inputs, network)
+
+
 class SliceWiseInferer(Inferer):
     """Run a 2D translator on inputs of any in-plane size, 2D slices or 3D volumes.
 
@@ -336,7 +362,7 @@ class SliceWiseInferer(Inferer):
                 slices, (before[1], square[1] - size[1] - before[1], before[0], square[0] - size[0] - before[0])
             )
         resized = F.interpolate(slices, size=self.image_size, mode="area") if square != self.image_size else slices
-        translated = torch.as_tensor(self.translator.translate(resized, network))
+        translated = torch.as_tensor(self.translator.sample(resized, network))
         spread = getattr(self.translator, "last_std", None)
         spread = None if spread is None else torch.as_tensor(spread).float()
         if square != self.image_size:

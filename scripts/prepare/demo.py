@@ -9,8 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from scripts.io.publishing import check_replaceable, write_staged
 from scripts.prepare.errors import DataPreparationError, InputNotFoundError, one_line, refusal
-from scripts.publishing import check_replaceable, write_staged
 
 logger = logging.getLogger(__name__)
 

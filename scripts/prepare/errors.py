@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from scripts.publishing import sigterm_exits
+from scripts.io.publishing import sigterm_exits
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 written atomically with a MONAI (Decathlon-style) datalist.
 
 ``DatasetPreparer`` owns everything a source does not: argument checks, the slice grid, the per-subject seeds, the
-output layout and the datalist, and the guarded, staged write (``scripts.publishing``): a failed or terminated run
+output layout and the datalist, and the guarded, staged write (``scripts.io.publishing``): a failed or terminated run
 leaves nothing behind, and a folder is only replaced when this bundle wrote it. ``prepare_dataset`` is the entry point
 of ``configs/prepare.json``.
 """
@@ -20,11 +20,11 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from scripts.io.publishing import check_replaceable, write_staged
 from scripts.prepare.errors import DataPreparationError, one_line, refusal
 from scripts.prepare.geometry import SliceGrid
 from scripts.prepare.simulation import MRSimulator
 from scripts.prepare.sources import MNISource, Source, SubjectSlices
-from scripts.publishing import check_replaceable, write_staged
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ class CycleGANInferer(Inferer):
         self.image_size = tuple(int(s) for s in image_size) if image_size is not None else None
 
     @torch.no_grad()
-    def translate(self, source: torch.Tensor, network: nn.Module) -> torch.Tensor:
+    def _generate(self, source: torch.Tensor, network: nn.Module) -> torch.Tensor:
         """The translation of a validated plain-tensor batch, on the input grid, clamped to [0, 1]."""
         size = tuple(source.shape[2:])
         x = source
@@ -48,10 +48,15 @@ class CycleGANInferer(Inferer):
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return y.clamp(0.0, 1.0)
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> MetaTensor:  # type: ignore[override]
+    def sample(self, inputs: torch.Tensor, network: nn.Module) -> MetaTensor:
+        """Translate a (B, 1, H, W) batch of [0, 1] source images (the translator interface of every method)."""
         validate_source(inputs)
         parameter = next(network.parameters(), None)
         device = parameter.device if parameter is not None else inputs.device
         source = plain(inputs).float().to(device)
-        result = convert_to_dst_type(self.translate(source, network), dst=inputs)[0]
+        result = convert_to_dst_type(self._generate(source, network), dst=inputs)[0]
         return result if isinstance(result, MetaTensor) else MetaTensor(result)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs) -> MetaTensor:  # type: ignore[override]
+        """The translation too: a GAN generator has no training forward pass through its inferer."""
+        return self.sample(inputs, network)

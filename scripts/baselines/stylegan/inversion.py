@@ -249,6 +249,6 @@ class StyleGANInversionInferer(Inferer):
         output = convert_to_dst_type(result, dst=inputs, dtype=torch.float32)[0]
         return output if isinstance(output, MetaTensor) else MetaTensor(output)
 
-    def translate(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-        """Same as calling the inferer: the interface ``scripts.lmidiffusion.inferers.SliceWiseInferer`` uses."""
+    def sample(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        """Same as calling the inferer: the translator interface of every method (``SliceWiseInferer`` uses it)."""
         return self(inputs, network)

@@ -1,41 +1,26 @@
-"""Evaluation of a translation method against the ground truth, as ``configs/evaluate.json``
-wires it: a ``SupervisedEvaluator`` whose inferer is the method, K-means tissue segmentation in postprocessing and
-MONAI metrics (SSIM, PSNR, Dice) saved by ``MetricsSaver`` (the protocol: docs/method.md, "Evaluation protocol").
-
-This module holds what MONAI does not have: the up-front check of an evaluation datalist (so a bad entry fails with
-one line naming it before anything is written), the identity "method" (the untranslated source: the floor every
-method must beat) and a timer that turns inference time into a per-slice metric. The output folder is published
-by ``scripts.io.PublishOutputs`` only when the run has completed (nothing half-written under the final name).
-"""
+"""The up-front check of an evaluation datalist: a bad entry fails with one line naming it, before anything is
+written."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-from ignite.engine import Engine, Events
-from monai.inferers import Inferer
 
 from scripts.io import InputError
-from scripts.tensors import validate_source
 from scripts.training import spread
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "IdentityInferer",
-    "TimedInferer",
-    "load_evaluation_datalist",
-]
 
 EVALUATION_KEYS = ("image", "target", "label", "mask")
+
+
 NUM_TISSUE_LABELS = 3  # CSF, GM, WM; 0 is background
 
 
@@ -135,54 +120,3 @@ def load_evaluation_datalist(
         resolved.append(item)
     logger.info(f"evaluating {len(resolved)} '{data_list_key}' entries of {path} (source: '{source_key}')")
     return resolved
-
-
-class IdentityInferer(Inferer):
-    """The untranslated source image (already scaled to [0, 1] by the preprocessing): the floor of the comparison."""
-
-    method_names = ("identity",)
-
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module | None = None, *args, **kwargs) -> torch.Tensor:
-        validate_source(inputs)
-        return inputs.clone().clamp(0.0, 1.0)
-
-    def translate(self, inputs: torch.Tensor, network: torch.nn.Module | None = None) -> torch.Tensor:
-        """The 2D translation ``SliceWiseInferer`` calls, so the floor also runs through the inference workflow."""
-        return self(inputs, network)
-
-
-class TimedInferer(Inferer):
-    """Wraps a method's inferer; as an ignite handler it reports the wall-clock seconds per slice of each call.
-
-    Per-case values go to ``engine.state.metric_details["seconds"]`` (so ``MetricsSaver`` writes them with the other
-    per-case metrics) and their mean to ``engine.state.metrics["seconds_per_slice"]``. Only the inferer call is
-    timed: loading, segmentation and metrics are not part of a method's cost.
-    """
-
-    def __init__(self, inferer: Inferer) -> None:
-        super().__init__()
-        self.inferer = inferer
-        self.seconds: list[float] = []
-
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
-        start = time.perf_counter()
-        output = self.inferer(inputs, network, *args, **kwargs)
-        elapsed = time.perf_counter() - start
-        self.seconds += [elapsed / max(1, inputs.shape[0])] * max(1, inputs.shape[0])
-        return output
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
-
-    def _reset(self, engine: Engine) -> None:
-        self.seconds = []
-
-    def _report(self, engine: Engine) -> None:
-        if not self.seconds:
-            return
-        values = torch.tensor(self.seconds, dtype=torch.float64)[:, None]
-        if not hasattr(engine.state, "metric_details"):
-            engine.state.metric_details = {}
-        engine.state.metric_details["seconds"] = values
-        engine.state.metrics["seconds_per_slice"] = float(values.mean())
