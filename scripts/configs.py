@@ -7,14 +7,24 @@
 - ``configs/evaluate.json``, ``configs/train*.json`` and ``configs/multi_gpu_train.json`` switch the workflow.
 
 Benchmarks and tests build their commands here, so the composition has one home; docs/README.md lists the same
-commands for users.
+commands for users. The checks of settings that the configs run in ``initialize``, before any network is built,
+live here too.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_METHOD", "WORKFLOWS", "available_methods", "config_files"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "WORKFLOWS",
+    "available_methods",
+    "check_method",
+    "check_num_steps",
+    "check_sdedit_start",
+    "config_files",
+]
 
 DEFAULT_METHOD = "lmi"  # the translator of the base config, without a method override file
 BASE = "configs/inference.json"
@@ -60,3 +70,33 @@ def config_files(
     else:  # training: the method's network before the workflow that trains it
         files = [BASE, *override, *WORKFLOWS[workflow]]
     return [str(Path(bundle_root) / f) for f in files] if bundle_root is not None else files
+
+
+def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
+    """The number of reverse steps, checked before any network is built."""
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be a whole number in 1-{num_train_timesteps}, got {num_steps!r}")
+
+
+def check_sdedit_start(sdedit_start: int, num_train_timesteps: int) -> None:
+    """SDEdit's start timestep (configs/methods/sdedit.json), checked before any network is built."""
+    if not isinstance(sdedit_start, int) or not 0 < sdedit_start < num_train_timesteps:
+        raise ValueError(f"sdedit_start must be a timestep in 1-{num_train_timesteps - 1}, got {sdedit_start!r}")
+
+
+def check_method(method: str, translator: object, bundle_root: str | os.PathLike) -> None:
+    """`method` names the translator the composed configs build.
+
+    A method is chosen by adding its override file ``configs/methods/<method>.json`` to ``--config_file``; the base
+    configs are the default method. ``--method`` alone would only relabel the outputs, so it is refused unless the
+    composed translator implements that method (its ``method_names``).
+    """
+    available = available_methods(bundle_root)
+    if method not in available:
+        raise ValueError(f"unknown method '{method}'; choose one of {available}")
+    names = tuple(getattr(translator, "method_names", ()))
+    if method not in names:
+        raise ValueError(
+            f"method '{method}' is set but the configs build {type(translator).__name__} ({', '.join(names) or '?'}); "
+            f"choose a method by adding configs/methods/{method}.json to --config_file, not by --method"
+        )

@@ -12,6 +12,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from phantoms import phantom
 
+from scripts.configs import check_method
 from scripts.lmidiffusion.diffusion import (
     LMIConditioner,
     LMIDiffusionPrepareBatch,
@@ -24,7 +25,6 @@ from scripts.lmidiffusion.inferers import (
     SamplingInferer,
     SDEditInferer,
     SliceWiseInferer,
-    check_method,
 )
 from scripts.lmidiffusion.projection import LocalConditionalMean
 from scripts.tensors import validate_source

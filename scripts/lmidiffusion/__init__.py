@@ -24,9 +24,6 @@ from scripts.lmidiffusion.inferers import (
     SamplingInferer,
     SDEditInferer,
     SliceWiseInferer,
-    check_method,
-    check_num_steps,
-    check_sdedit_start,
 )
 from scripts.lmidiffusion.lmi import LocalMutualInformation, local_mutual_information
 from scripts.lmidiffusion.networks import SpaceToDepthDiffusionUNet
@@ -47,9 +44,6 @@ __all__ = [
     "SpaceToDepthDiffusionUNet",
     "StaticConditiond",
     "UncertaintyScore",
-    "check_method",
-    "check_num_steps",
-    "check_sdedit_start",
     "intensity_clusters",
     "local_mutual_information",
     "model_output_from_x0",

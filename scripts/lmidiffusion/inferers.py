@@ -21,7 +21,6 @@ projection is on).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from monai.utils import convert_to_dst_type
 from tqdm import tqdm
 
-from scripts.configs import DEFAULT_METHOD, available_methods
+from scripts.configs import DEFAULT_METHOD
 from scripts.lmidiffusion.diffusion import LMIConditioner, model_output_from_x0, x0_from_model_output
 from scripts.lmidiffusion.projection import LocalConditionalMean
 from scripts.tensors import from_model_space, plain, to_model_space, validate_source
@@ -45,9 +44,6 @@ __all__ = [
     "SDEditInferer",
     "SamplingInferer",
     "SliceWiseInferer",
-    "check_method",
-    "check_num_steps",
-    "check_sdedit_start",
 ]
 
 
@@ -122,7 +118,7 @@ class LMIGuidedInferer(DiffusionInferer):
 
     @property
     def method_names(self) -> tuple[str, ...]:
-        """The methods (configs/methods/*.json) this inferer implements, checked by :func:`check_method`."""
+        """The methods (configs/methods/*.json) this inferer implements (``scripts.configs.check_method``)."""
         return ("lmi_projection",) if self.projection is not None else (DEFAULT_METHOD, "lmi_paper")
 
     # ----------------------------------------------------------------------------------------------- training
@@ -407,33 +403,3 @@ class SliceWiseInferer(Inferer):
                 spreads[b] = spread.movedim(0, axis - 1)
         self.last_std = spreads
         return convert_to_dst_type(output, inputs)[0]
-
-
-def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
-    """The number of reverse steps, checked before any network is built."""
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be a whole number in 1-{num_train_timesteps}, got {num_steps!r}")
-
-
-def check_sdedit_start(sdedit_start: int, num_train_timesteps: int) -> None:
-    """SDEdit's start timestep (configs/methods/sdedit.json), checked before any network is built."""
-    if not isinstance(sdedit_start, int) or not 0 < sdedit_start < num_train_timesteps:
-        raise ValueError(f"sdedit_start must be a timestep in 1-{num_train_timesteps - 1}, got {sdedit_start!r}")
-
-
-def check_method(method: str, translator: Inferer, bundle_root: str | os.PathLike) -> None:
-    """`method` names the translator the composed configs build.
-
-    A method is chosen by adding its override file ``configs/methods/<method>.json`` to ``--config_file``; the base
-    configs are the default method. ``--method`` alone would only relabel the outputs, so it is refused unless the
-    composed translator implements that method (its ``method_names``).
-    """
-    available = available_methods(bundle_root)
-    if method not in available:
-        raise ValueError(f"unknown method '{method}'; choose one of {available}")
-    names = tuple(getattr(translator, "method_names", ()))
-    if method not in names:
-        raise ValueError(
-            f"method '{method}' is set but the configs build {type(translator).__name__} ({', '.join(names) or '?'}); "
-            f"choose a method by adding configs/methods/{method}.json to --config_file, not by --method"
-        )

@@ -25,7 +25,7 @@ class CycleGANInferer(Inferer):
     input's meta data. Deterministic, no gradients; the network's train/eval mode is restored afterwards.
     """
 
-    method_names = ("cyclegan",)  # checked by scripts.lmidiffusion.inferers.check_method
+    method_names = ("cyclegan",)  # checked by scripts.configs.check_method
 
     def __init__(self, image_size: Sequence[int] | None = None) -> None:
         super().__init__()

@@ -99,7 +99,7 @@ class StyleGANInversionInferer(Inferer):
         progress: show a progress bar over the steps.
     """
 
-    method_names = ("stylegan",)  # checked by scripts.lmidiffusion.inferers.check_method
+    method_names = ("stylegan",)  # checked by scripts.configs.check_method
 
     def __init__(
         self,
