@@ -179,7 +179,11 @@ def read_training_log(path: Path) -> dict | None:
 
 
 def training_budgets(path: Path = BUDGETS, root: Path = BUNDLE_ROOT) -> dict[str, dict]:
-    """{method: {steps, images_seen, wall_s, hardware, source, ...}} from `path`, logs read under `root`."""
+    """{method: {steps, images_seen, wall_s, hardware, source, ...}} from `path`, logs read under `root`.
+
+    A campaign log's last row fills the numbers its entry leaves out; numbers the entry states win, because they can
+    cover what the log does not (stages run before the log existed, such as CycleGAN's GPU epochs).
+    """
     if not path.is_file():
         return {}
     spec = json.loads(path.read_text())["methods"]
@@ -194,7 +198,7 @@ def training_budgets(path: Path = BUDGETS, root: Path = BUNDLE_ROOT) -> dict[str
             if logged is None:
                 budget["note"] = f"{entry['log']} not found or empty: budget unknown"
             else:
-                budget.update(logged)
+                budget.update({key: value for key, value in logged.items() if budget.get(key) is None})
         budgets[method] = budget
     for method, entry in spec.items():
         if "same_as" in entry and entry["same_as"] in budgets:

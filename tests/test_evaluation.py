@@ -460,6 +460,7 @@ def test_training_budgets_read_the_last_log_row_and_the_shared_networks(tmp_path
             "sdedit": {"same_as": "lmi", "source": "samples lmi"},
             "cyclegan": {"steps": 10, "images_seen": 40, "wall_s": 5, "hardware": "GPU", "source": "known"},
             "stylegan": {"log": "missing.csv", "hardware": "CPU", "source": "not yet"},
+            "lmi_paper": {"log": "log.csv", "steps": 200, "images_seen": 2400, "wall_s": 180.0, "source": "GPU + log"},
         }
     }
     (tmp_path / "budgets.json").write_text(json.dumps(spec))
@@ -469,6 +470,8 @@ def test_training_budgets_read_the_last_log_row_and_the_shared_networks(tmp_path
     assert budgets["sdedit"]["steps"] == 200 and budgets["sdedit"]["same_as"] == "lmi"
     assert budgets["cyclegan"]["steps"] == 10
     assert budgets["stylegan"]["steps"] is None and "missing.csv not found" in budgets["stylegan"]["note"]
+    stated = budgets["lmi_paper"]  # stated numbers cover stages the log lacks: they win over its last row
+    assert (stated["images_seen"], stated["wall_s"], stated["epochs"]) == (2400, 180.0, 2)
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLE_ROOT, bundle_run, save_slice
+from helpers import BUNDLE_ROOT, bundle_run
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from phantoms import phantom
@@ -265,32 +265,30 @@ def test_a_network_that_is_not_a_generator_is_refused():
 # ------------------------------------------------------------------------------------ bundle workflow
 
 
-@pytest.fixture(scope="module")
-def tiny_t1_dataset(tmp_path_factory) -> Path:
-    """Six target (T1w-like) training slices in the prepare workflow's datalist layout."""
-    root = tmp_path_factory.mktemp("stylegan_dataset")
-    training = []
-    for i in range(6):
-        name = f"train_{i}_t1.nii.gz"
-        save_slice(phantom(32, seed=i)[0, 0].numpy() * 800, root / name)
-        training.append({"image": name, "subject": "s1"})
-    (root / "datalist.json").write_text(json.dumps({"training": training, "testing": []}))
-    return root
+def stylegan_overrides(dataset: Path, models: Path, epochs: int, val_interval: int = 100) -> list[str]:
+    """The tiny StyleGAN training run on conftest's `tiny_dataset` (six T1w training slices; their PDw slices, with
+    labels and masks, are the validation pairs): batch 3, R1 every 2 iterations; validation every `val_interval`
+    epochs on 2 slices with 2 inversion steps."""
+    return TINY + [
+        "--dataset_dir", str(dataset),
+        "--ckpt_dir", str(models),
+        "--output_dir", str(models.parent / "logs"),
+        "--batch_size", "3",
+        "--r1_interval", "2",
+        "--image_size", "[32, 32]",
+        "--val_interval", str(val_interval),
+        "--num_val_slices", "2",
+        "--val_steps", "2",
+        "--train#trainer#max_epochs", str(epochs),
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_t1_dataset, tmp_path):
+def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_dataset, tmp_path):
     models = tmp_path / "models"
 
     def overrides(epochs: int) -> list[str]:
-        return TINY + [
-            "--dataset_dir", str(tiny_t1_dataset),
-            "--ckpt_dir", str(models),
-            "--output_dir", str(tmp_path / "logs"),
-            "--batch_size", "3",
-            "--r1_interval", "2",
-            "--train#trainer#max_epochs", str(epochs),
-        ]  # fmt: skip
+        return stylegan_overrides(tiny_dataset, models, epochs)
 
     first = bundle_run(config_files("train_stylegan"), *overrides(1))
     assert "g_loss" in first.stdout + first.stderr and "ada_p" in first.stdout + first.stderr
@@ -314,3 +312,40 @@ def test_training_workflow_runs_exports_the_generator_and_resumes(tiny_t1_datase
     assert not checkpoint.exists(), "only the newest checkpoint is kept"
     updated = torch.load(exported, weights_only=True)
     assert any(not torch.equal(weights[k], updated[k]) for k in weights), "resumed training must update the weights"
+
+
+@pytest.mark.slow
+def test_training_validates_by_inversion_on_training_pdw_and_logs_the_campaign(tiny_dataset, tmp_path):
+    """Validation every `val_interval` epochs: the EMA generator inverts PDw slices of training subjects (never a test
+    subject), and TrainingLog appends iteration, wall time and val_dice/ssim/psnr to the campaign log. A resume state
+    saved before the wall clock existed (the shipped checkpoint_epoch_140.pt) still resumes, its clock starting at
+    `previous_wall_s`."""
+    models = tmp_path / "models"
+    log_path = models / "training_log_stylegan.csv"
+    first = bundle_run(config_files("train_stylegan"), *stylegan_overrides(tiny_dataset, models, 1, val_interval=1))
+    assert "val_dice" in first.stdout + first.stderr
+    with open(log_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and int(rows[0]["iteration"]) == 2 and int(rows[0]["epoch"]) == 1
+    assert int(rows[0]["images_seen"]) == 6 and float(rows[0]["wall_s"]) > 0
+    assert 0 <= float(rows[0]["val_dice"]) <= 1 and np.isfinite(float(rows[0]["val_psnr"]))
+    assert -1 <= float(rows[0]["val_ssim"]) <= 1
+    assert rows[0]["validation"].startswith("2 PDw slices of training subjects")
+    assert "2-step inversion" in rows[0]["validation"]
+    checkpoint = models / "checkpoints_stylegan" / "checkpoint_epoch_1.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert "wall_clock" in state
+
+    # a resume state from before the validation existed: no wall clock; the campaign's earlier time is given instead
+    del state["wall_clock"]
+    torch.save(state, checkpoint)
+    overrides = stylegan_overrides(tiny_dataset, models, 2, val_interval=1)
+    second = bundle_run(config_files("train_stylegan"), *overrides, "--previous_wall_s", "1000")
+    assert (
+        "holds no ['wall_clock']" in second.stdout + second.stderr and "resuming from" in second.stdout + second.stderr
+    )
+    with open(log_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["iteration"]) for row in rows] == [2, 4] and float(rows[1]["wall_s"]) > 1000
+    resumed = torch.load(models / "checkpoints_stylegan" / "checkpoint_epoch_2.pt", weights_only=False)
+    assert float(resumed["wall_clock"]["wall_s"]) > 1000 and resumed["trainer"]["iteration"] == 4
