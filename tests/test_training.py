@@ -166,3 +166,9 @@ def test_wall_clock_continues_from_its_saved_state():
     clock.load_state_dict({"wall_s": torch.tensor(100.0)})
     assert 100.0 <= clock.seconds() < 101.0
     assert float(clock.state_dict()["wall_s"]) >= 100.0
+    earlier = WallClock(offset=50.0)  # runs before the clock existed; a saved clock replaces the offset
+    assert 50.0 <= earlier.seconds() < 51.0
+    earlier.load_state_dict({"wall_s": torch.tensor(100.0)})
+    assert 100.0 <= earlier.seconds() < 101.0
+    with pytest.raises(ValueError, match="offset"):
+        WallClock(offset=-1.0)

@@ -21,10 +21,13 @@ logger = logging.getLogger(__name__)
 
 class WallClock:
     """Training wall time that survives resumes: put it in the checkpoint dict and it is saved and restored with
-    the trainer, so the campaign log's wall time sums every run, including the time after the last validation."""
+    the trainer, so the campaign log's wall time sums every run, including the time after the last validation.
+    `offset` counts runs before the clock existed (a checkpoint that holds a clock replaces it)."""
 
-    def __init__(self) -> None:
-        self.offset = 0.0
+    def __init__(self, offset: float = 0.0) -> None:
+        if offset < 0:
+            raise ValueError(f"the wall-clock offset must be >= 0 seconds, got {offset}.")
+        self.offset = float(offset)
         self.started = time.monotonic()
 
     def seconds(self) -> float:
