@@ -7,6 +7,7 @@ the validation slices the log's ``validation`` column names, never test subjects
 hours).
 
     python benchmarks/training_report.py [--log models/training_log.csv] [--figure docs/images/training_curve.png]
+        [--marker "19588:learning-rate decay starts"]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,6 +53,14 @@ def validation_sets(rows: list[dict]) -> list[dict]:
     return sets
 
 
+def marker(text: str) -> tuple[int, str]:
+    """``STEP:LABEL`` -> (step, label)."""
+    step, separator, label = text.partition(":")
+    if not separator or not step.strip().isdigit() or not label.strip():
+        raise argparse.ArgumentTypeError(f"expected STEP:LABEL (e.g. '19588:learning-rate decay starts'), got {text!r}")
+    return int(step), label.strip()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", type=Path, default=BUNDLE_ROOT / "models" / "training_log.csv")
@@ -58,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=BUNDLE_ROOT / "benchmarks" / "results" / "training.json")
     parser.add_argument("--hardware", default="2-core x86_64 CPU, 1 torch thread (beside other work)")
     parser.add_argument("--name", default="default translator", help="the model, for the figure's title")
+    parser.add_argument(
+        "--marker", type=marker, action="append", default=[], help="STEP:LABEL, a change of recipe to mark (repeatable)"
+    )
     args = parser.parse_args(argv)
     if not args.log.is_file():
         raise SystemExit(f"error: training log not found: {args.log}")
@@ -75,11 +88,14 @@ def main(argv: list[str] | None = None) -> dict:
         "hardware": args.hardware,
         "validation": validation_sets(rows),
         **summarise(rows),
-        "command": "python benchmarks/training_report.py",
+        "recipe_changes": [{"step": step, "change": label} for step, label in args.marker],
+        "command": shlex.join(["python", "benchmarks/training_report.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     write_text_atomic(args.output, json.dumps(summary, indent=4) + "\n")
     title = f"{args.name}: {summary['steps']:,} steps, {summary['wall_hours']} h ({args.hardware})"
-    save_training_curve(rows, args.figure, title=title, metrics=("val_dice", "val_ssim", "val_psnr"))
+    save_training_curve(
+        rows, args.figure, title=title, metrics=("val_dice", "val_ssim", "val_psnr"), markers=dict(args.marker)
+    )
     print(f"wrote {args.output} and {args.figure}")
     return summary
 

@@ -5,12 +5,15 @@ subjects of ``--dataset`` (their source images never reach training; only their 
 ``scripts.training.paired_training_slices`` pairs each with its T1w, labels and mask) for each combination of DDIM
 steps, DDIM ``eta``, ``guidance_scale`` and ``guidance_every`` in the grid, with the same seed, and prints Dice /
 PSNR / SSIM / seconds per slice; writes ``benchmarks/results/sampling_<method>.json``. ``--method sdedit`` instead
-searches SDEdit's start timestep (``--starts``) and steps with the same network. The setting with the best mean Dice
-(ties: SSIM) is the one to put in ``configs/inference.json`` (``configs/methods/sdedit.json`` for SDEdit's start).
+searches SDEdit's start timestep (``--starts``) and steps with the same network; ``--method lmi_projection`` the
+projection's spatial window (``--windows``, pixels of the 128 x 128 grid; 0: the same sampler unprojected). The
+setting with the best mean Dice (ties: SSIM) is the one to put in ``configs/inference.json``
+(``configs/methods/sdedit.json`` for SDEdit's start).
 
     python benchmarks/tune_sampling.py [--dataset data/labelmaps] [--slices 24] [--steps 10,20,40] [--etas 0,1]
         [--scales 0,0.05] [--every 1,2]
     python benchmarks/tune_sampling.py --method sdedit --starts 300,500,700
+    python benchmarks/tune_sampling.py --method lmi_projection --windows 0,3,6,12 --samples 4
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ def read_mean(folder: Path, metric: str) -> float:
     return rows["mean"]
 
 
-def evaluate(method: str, model: Path, dataset: Path, slices: int, setting: dict, seed: int, work: Path) -> dict:
+def evaluate(
+    method: str, model: Path, dataset: Path, slices: int, setting: dict, seed: int, work: Path, extra: tuple = ()
+) -> dict:
+    """One run of the evaluation workflow with `setting` (and `extra` command-line overrides); its mean scores."""
+    if setting.get("projection_window") == 0:  # the reference row: the same sampler without the projection
+        method = "lmi"
     command = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(config_files("evaluate", method)),
         "--model_path", str(model), "--dataset_dir", str(dataset), "--num_slices", str(slices),
@@ -51,6 +59,9 @@ def evaluate(method: str, model: Path, dataset: Path, slices: int, setting: dict
     ]  # fmt: skip
     if "sdedit_start" in setting:
         command += ["--sdedit_start", str(setting["sdedit_start"])]
+    if setting.get("projection_window"):
+        command += ["--projection#spatial_sigma", str(setting["projection_window"])]
+    command += list(extra)
     result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -60,7 +71,7 @@ def evaluate(method: str, model: Path, dataset: Path, slices: int, setting: dict
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="lmi", choices=["lmi", "sdedit"])
+    parser.add_argument("--method", default="lmi", choices=["lmi", "sdedit", "lmi_projection"])
     parser.add_argument("--model", type=Path, default=BUNDLE_ROOT / "models" / "model.pt")
     parser.add_argument("--dataset", type=Path, default=BUNDLE_ROOT / "data" / "labelmaps")
     parser.add_argument("--slices", type=int, default=24)
@@ -71,6 +82,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--every", default="1", help="comma-separated guidance frequencies (every n-th step)")
     parser.add_argument("--samples", default="1", help="comma-separated samples per slice, averaged (--method lmi)")
     parser.add_argument("--starts", default="500", help="comma-separated SDEdit start timesteps (--method sdedit)")
+    parser.add_argument(
+        "--windows", default="12", help="comma-separated projection windows, 0 = none (--method lmi_projection)"
+    )
     parser.add_argument("--output", type=Path, help="default: benchmarks/results/sampling_<method>.json")
     args = parser.parse_args(argv)
     output = args.output or BUNDLE_ROOT / "benchmarks" / "results" / f"sampling_{args.method}.json"
@@ -86,10 +100,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.method == "sdedit":  # SDEdit starts from the noised source: no guidance, its own start step
         axes = {"num_steps": axes["num_steps"], "sdedit_start": [int(v) for v in args.starts.split(",")]}
         axes.update(eta=[0.0], guidance_scale=[0.0], guidance_every=[1], num_samples=[1])
+    if args.method == "lmi_projection":  # the default sampler, its final x0 estimate projected
+        axes["projection_window"] = [float(v) for v in args.windows.split(",")]
     grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     grid = [g for g in grid if g["guidance_scale"] > 0 or g["guidance_every"] == 1]  # every needs guidance
     rows = []
     start = f" {'start':>5}" if "sdedit_start" in axes else f" {'n':>5}"
+    start += f" {'window':>6}" if "projection_window" in axes else ""
     print(
         f"{'steps':>5} {'eta':>4} {'scale':>6} {'every':>5}{start} {'Dice':>6} {'PSNR':>6} {'SSIM':>6} {'s/slice':>7}"
     )
@@ -106,6 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cells = f"{row['dice']:6.3f} {row['psnr']:6.2f} {row['ssim']:6.3f} {row['seconds']:7.2f}"
             knobs = f"{row['num_steps']:5d} {row['eta']:4.1f} {row['guidance_scale']:6.3f} {row['guidance_every']:5d}"
             knobs += f" {row['sdedit_start']:5d}" if "sdedit_start" in row else f" {row['num_samples']:5d}"
+            knobs += f" {row['projection_window']:6.1f}" if "projection_window" in row else ""
             print(f"{knobs} {cells}")
     best = max(rows, key=lambda r: (r["dice"], r["ssim"]))
     summary = {

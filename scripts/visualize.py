@@ -129,10 +129,15 @@ def read_training_log(path: str | os.PathLike) -> list[dict[str, float | str]]:
 
 
 def save_training_curve(
-    rows: list[dict[str, float]], path: str | os.PathLike, title: str = "", metrics: tuple[str, ...] = ()
+    rows: list[dict[str, float]],
+    path: str | os.PathLike,
+    title: str = "",
+    metrics: tuple[str, ...] = (),
+    markers: dict[int, str] | None = None,
 ) -> None:
     """Validation metrics against optimizer steps (bottom axis) and wall-clock hours (top axis), one panel each; a
-    dashed line marks each change of validation set (the log's ``validation`` column), whose scores do not compare."""
+    dashed line marks each change of validation set (the log's ``validation`` column), whose scores do not compare,
+    and a dotted line each of `markers` (step -> label: a change of the recipe, such as the start of a decay)."""
     metrics = metrics or tuple(k for k in rows[0] if k.startswith("val_"))
     changes = [
         row["iteration"]
@@ -147,6 +152,10 @@ def save_training_curve(
         ax.plot(steps, values, marker="o", markersize=3)
         for step in changes:
             ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+        for number, (step, label) in enumerate(sorted((markers or {}).items())):
+            ax.axvline(step, color=f"C{number + 1}", linestyle=":", linewidth=1.0, label=label)
+        if markers:
+            ax.legend(fontsize=6, loc="lower right")
         ax.set_xlabel("optimizer steps")
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)

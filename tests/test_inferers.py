@@ -91,6 +91,19 @@ def test_translation_is_deterministic_in_range_and_keeps_meta(conditioner, netwo
     assert float(first[0, 0][head == 0].abs().max()) == 0.0, "outside the head the translation must be 0"
 
 
+def test_output_gamma_is_a_power_of_each_sample_and_refuses_nonpositive_values(conditioner, network):
+    source = phantom()
+    uncalibrated = make_inferer(conditioner, mask_background=False, num_samples=1).sample(source, network)
+    calibrated = make_inferer(conditioner, mask_background=False, num_samples=1, output_gamma=1.1).sample(
+        source, network
+    )
+    assert torch.allclose(calibrated, uncalibrated**1.1, atol=1e-6)
+    scaled = uncalibrated / torch.quantile(uncalibrated.flatten(), 0.995)  # a power survives the per-image scaling
+    assert torch.allclose(calibrated / torch.quantile(calibrated.flatten(), 0.995), scaled**1.1, atol=1e-4)
+    with pytest.raises(ValueError, match="output_gamma must be > 0"):
+        make_inferer(conditioner, output_gamma=0.0)
+
+
 def test_model_grid_differs_from_image_grid(conditioner, network):
     source = phantom(48)
     out = make_inferer(conditioner, model_size=(32, 32), projection=LocalConditionalMean(spatial_sigma=4)).sample(

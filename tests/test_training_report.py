@@ -30,3 +30,16 @@ def test_report_writes_the_budget_and_the_curve(tmp_path, capsys):
 def test_report_says_one_line_when_the_log_is_missing(tmp_path):
     with pytest.raises(SystemExit, match="training log not found"):
         training_report.main(["--log", str(tmp_path / "absent.csv")])
+
+
+def test_report_marks_recipe_changes_and_refuses_a_malformed_marker(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text(LOG)
+    output, figure = tmp_path / "training.json", tmp_path / "curve.png"
+    argv = ["--log", str(log), "--output", str(output), "--figure", str(figure), "--marker", "150:decay starts"]
+    summary = training_report.main(argv)
+    assert summary["recipe_changes"] == [{"step": 150, "change": "decay starts"}]
+    assert "--marker '150:decay starts'" in json.loads(output.read_text())["command"]
+    assert figure.stat().st_size > 10_000
+    with pytest.raises(SystemExit):  # argparse: one line naming the expected form
+        training_report.main([*argv[:-1], "decay starts"])

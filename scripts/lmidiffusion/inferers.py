@@ -69,6 +69,11 @@ class LMIGuidedInferer(DiffusionInferer):
         num_samples: samples per image, averaged (their standard deviation is kept in ``last_std``).
         model_size: spatial size the network works on; None uses the input size.
         mask_background: set the translation to 0 outside the head mask of the source.
+        output_gamma: power applied to each [0, 1] sample: the translator's intensity calibration. The denoiser
+            returns smooth images, and a smooth T1w has its 99.5th percentile (the scale every consumer here divides
+            by) lower relative to its tissues than a noisy acquired T1w; the power that makes the translation of a
+            T1w return that T1w's scaled tissue intensities undoes it (fitted on target images only by
+            ``benchmarks/calibrate_output.py``). A power survives any per-image scaling, a gain would not.
         seed: seed of the sampling noise; each call restarts from it, so a call is reproducible.
         progress: show a progress bar over the reverse steps.
     """
@@ -88,10 +93,13 @@ class LMIGuidedInferer(DiffusionInferer):
         num_samples: int = 1,
         model_size: Sequence[int] | None = None,
         mask_background: bool = True,
+        output_gamma: float = 1.0,
         seed: int = 0,
         progress: bool = False,
     ) -> None:
         super().__init__(scheduler=scheduler)
+        if not output_gamma > 0:
+            raise ValueError(f"output_gamma must be > 0, got {output_gamma}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
         if recompute_every < 1:
@@ -113,6 +121,7 @@ class LMIGuidedInferer(DiffusionInferer):
         self.last_std: torch.Tensor | None = None
         self.model_size = tuple(model_size) if model_size is not None else None
         self.mask_background = mask_background
+        self.output_gamma = float(output_gamma)
         self.seed = int(seed)
         self.progress = progress
 
@@ -262,9 +271,12 @@ class LMIGuidedInferer(DiffusionInferer):
             if self.projection is not None and self.projection_strength > 0:
                 projected = self.projection(result, source_full, head_full)
                 result = torch.lerp(result, projected, self.projection_strength)
+        result = result.clamp(0.0, 1.0)
+        if self.output_gamma != 1.0:
+            result = result**self.output_gamma
         if self.mask_background:
             result = result * head_full
-        return convert_to_dst_type(result.clamp(0.0, 1.0), dst=inputs)[0]
+        return convert_to_dst_type(result, dst=inputs)[0]
 
 
 class SDEditInferer(LMIGuidedInferer):
@@ -277,6 +289,7 @@ class SDEditInferer(LMIGuidedInferer):
     def __init__(self, scheduler: Scheduler, conditioner: LMIConditioner, start_timestep: int = 500, **kwargs) -> None:
         kwargs.setdefault("guidance_scale", 0.0)
         kwargs.setdefault("projection", None)
+        kwargs.setdefault("output_gamma", 1.0)
         super().__init__(scheduler=scheduler, conditioner=conditioner, **kwargs)
         if not 0 < start_timestep < scheduler.num_train_timesteps:
             raise ValueError(f"start_timestep must be in (0, {scheduler.num_train_timesteps}), got {start_timestep}.")

@@ -14,6 +14,7 @@ from scripts.training.campaign import (
     latest_checkpoint,
     load_weights,
     resume_handlers,
+    warm_start,
 )
 from scripts.training.data import (
     SOURCE_TAGS,
@@ -47,5 +48,6 @@ __all__ = [
     "slice_sibling",
     "spread",
     "target_only",
+    "warm_start",
     "with_tissue_labels",
 ]

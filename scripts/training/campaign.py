@@ -59,7 +59,7 @@ def resume_handlers(
     """
     found = checkpoints(directory)
     if not found:
-        logger.info(f"no checkpoint in {directory}: training starts from scratch")
+        logger.info(f"no checkpoint in {directory}: a new campaign starts")
         return []
     for path in found:
         try:
@@ -117,8 +117,14 @@ class EpochLengthFromData:
             engine.state.epoch_length = length
 
 
-def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location=None) -> torch.nn.Module:
-    """Load a state dict into `network`, with one clear line for a missing, unreadable or mismatched model file."""
+def load_weights(
+    network: torch.nn.Module, path: str | os.PathLike, map_location=None, fresh_modules: tuple[str, ...] = ()
+) -> torch.nn.Module:
+    """Load a state dict into `network`, with one clear line for a missing, unreadable or mismatched model file.
+
+    Parameters of the submodules named in `fresh_modules` may be absent from the file; they keep their initial
+    values (a head added to a trained network, see :func:`warm_start`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -134,7 +140,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"model file {path} holds a {type(state).__name__}, not a state dict of tensors")
     expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and k.split(".", 1)[0] not in fresh_modules]
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
@@ -148,7 +154,26 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location
             if keys
         )
         raise ValueError(f"model file {path} does not match the network in the config: {details}")
-    network.load_state_dict(state, strict=True)
+    network.load_state_dict(state, strict=not fresh_modules)
+    return network
+
+
+def warm_start(
+    network: torch.nn.Module,
+    path: str | os.PathLike | None,
+    checkpoint_dir: str | os.PathLike,
+    fresh_modules: tuple[str, ...] = ("refine",),
+) -> torch.nn.Module:
+    """Start a new campaign from trained weights at `path` (None: from scratch), unless it is resuming.
+
+    A checkpoint in `checkpoint_dir` wins: the resume handlers load it over these weights, so a warm-started
+    campaign resumes like any other. The submodules in `fresh_modules` (a full-resolution head added to a trained
+    denoiser) may be missing from the file and start from their initial values.
+    """
+    if path is None or checkpoints(checkpoint_dir):
+        return network
+    load_weights(network, path, fresh_modules=fresh_modules)
+    logger.info(f"warm start from {path} ({', '.join(fresh_modules) or 'no'} submodules start fresh)")
     return network
 
 
