@@ -5,10 +5,11 @@ works on that coarser grid, and ``PixelShuffle(f)`` puts its output back on the 
 costs a fraction of the same UNet on the native 128 x 128 grid, while the output keeps the full resolution that the
 cortical ribbon needs (measurements: docs/method.md, "What each measured choice bought").
 
-The UNet's last layer must still carry every pixel's detail through the coarse grid. With ``refine_channels`` > 0 a
-small full-resolution head (three 3 x 3 convolutions) sees the UNet's estimate beside the full-resolution input and
-adds a correction; its last convolution starts at zero, so the head can be added to a trained network and fine-tuned
-from exactly that network's output.
+The UNet's last layer must carry every pixel's detail through the coarse grid. With ``refine_channels`` > 0 a small
+full-resolution head (three 3 x 3 convolutions) sees the UNet's estimate beside the full-resolution input and adds a
+correction; its last convolution starts at zero, so the head can be added to a trained network and fine-tuned from
+exactly that network's output. The shipped model has none: fine-tuned onto it, the head did not raise validation
+Dice (docs/method.md, "What each measured choice bought").
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def warm_start(
     if path is None or checkpoints(checkpoint_dir):
         return network
     load_weights(network, path, fresh_modules=fresh_modules)
-    logger.info(f"warm start from {path} ({', '.join(fresh_modules) or 'no'} submodules start fresh)")
+    logger.info(f"warm start from {path} (parameters of {', '.join(fresh_modules) or '-'} it lacks start fresh)")
     return network
 
 
