@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,18 +29,12 @@ import numpy as np
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from tune_sampling import evaluate  # noqa: E402  (benchmarks/, beside this script)
+from tune_sampling import evaluate, validation_workspace  # noqa: E402  (benchmarks/, beside this script)
 
 from scripts.io import write_text_atomic  # noqa: E402
-from scripts.training import paired_training_slices  # noqa: E402
+from scripts.transforms import robust_scale  # noqa: E402  (the scaling every consumer of a translation applies)
 
 SHIPPED_SAMPLING = {"num_steps": 20, "eta": 1.0, "guidance_scale": 0.0, "guidance_every": 1, "num_samples": 4}
-
-
-def robust_scale(image: np.ndarray, percentile: float = 99.5) -> np.ndarray:
-    """Divide by the image's own percentile and clip to [0, 1], as ``scripts.transforms.RobustScaled``."""
-    scale = np.percentile(image, percentile)
-    return np.clip(image / scale, 0.0, 1.0) if scale > 0 else image
 
 
 def fit_gamma(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gammas: np.ndarray) -> tuple[float, list]:
@@ -76,12 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {args.dataset}/datalist.json not found (prepare.json --source labelmaps writes it)")
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        validation = work / "validation"
-        validation.mkdir()
-        model = work / "model.pt"  # one snapshot, even while a training run rewrites the weights
-        shutil.copyfile(args.model, model)
-        entries = paired_training_slices(args.dataset / "datalist.json", args.slices)
-        (validation / "datalist.json").write_text(json.dumps({"testing": entries}))
+        model, validation, entries = validation_workspace(args.model, args.dataset, args.slices, work)
         common = (model, validation, args.slices, SHIPPED_SAMPLING, args.seed)
         self_translation = ("--output_gamma", "1.0", "--source_key", "target", "--save_outputs", "True")
         self_run = evaluate("lmi", *common, work / "t1w", self_translation)

@@ -69,6 +69,21 @@ def evaluate(
     return {**setting, **{name: round(read_mean(folder, name), 4) for name in ("dice", "psnr", "ssim", "seconds")}}
 
 
+def validation_workspace(model: Path, dataset: Path, slices: int, work: Path) -> tuple[Path, Path, list[dict]]:
+    """A snapshot of `model` and a datalist of `slices` validation pairs (training subjects' PDw) under `work`.
+
+    The snapshot keeps one set of weights for every run, even while a training run rewrites `model`.
+    Returns the snapshot, the folder holding the datalist, and its entries.
+    """
+    validation = work / "validation"
+    validation.mkdir()
+    snapshot = work / "model.pt"
+    shutil.copyfile(model, snapshot)
+    entries = paired_training_slices(dataset / "datalist.json", slices)
+    (validation / "datalist.json").write_text(json.dumps({"testing": entries}))
+    return snapshot, validation, entries
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="lmi", choices=["lmi", "sdedit", "lmi_projection"])
@@ -111,12 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{'steps':>5} {'eta':>4} {'scale':>6} {'every':>5}{start} {'Dice':>6} {'PSNR':>6} {'SSIM':>6} {'s/slice':>7}"
     )
     with tempfile.TemporaryDirectory() as work:
-        validation = Path(work) / "validation"
-        validation.mkdir()
-        model = Path(work) / "model.pt"  # one snapshot for the whole grid, even while training rewrites the weights
-        shutil.copyfile(args.model, model)
-        entries = paired_training_slices(args.dataset / "datalist.json", args.slices)
-        (validation / "datalist.json").write_text(json.dumps({"testing": entries}))
+        model, validation, _ = validation_workspace(args.model, args.dataset, args.slices, Path(work))
         for index, setting in enumerate(grid):
             row = evaluate(args.method, model, validation, args.slices, setting, args.seed, Path(work) / f"run{index}")
             rows.append(row)
