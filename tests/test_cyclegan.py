@@ -275,6 +275,14 @@ def _overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _cli_value(text: str):
+    """A command-line override as the bundle runner reads it: JSON where it parses, else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 @pytest.mark.slow
 def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_path):
     models = tmp_path / "models"
@@ -299,13 +307,32 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
     assert state["pool_a"]["images"].shape == (4, 1, 32, 32), "the image pools are part of the resume state"
     weights = torch.load(models / "cyclegan_generator.pt", weights_only=True)
 
-    second = bundle_run(config_files("train_cyclegan"), *_overrides(cyclegan_dataset, models, epochs=2))
+    rates = [state[k]["param_groups"][0]["lr"] for k in ("g_optimizer", "d_optimizer")]
+    assert rates == [2e-4, 2e-4], "the first half of max_epochs (50 here) runs at the constant rate"
+
+    # The default schedule is the original CycleGAN's: constant for the first half of max_epochs, then linear decay.
+    parser = ConfigParser()
+    parser.read_config([BUNDLE_ROOT / f for f in config_files("train_cyclegan")])
+    overrides = _overrides(cyclegan_dataset, models, epochs=1) + ["--max_epochs", "5"]
+    parser.update({k[2:]: _cli_value(v) for k, v in zip(overrides[::2], overrides[1::2], strict=True)})
+    epoch_length = len(parser.get_parsed_content("train#dataloader"))
+    assert epoch_length == 3
+    assert parser.get_parsed_content("lr_decay_start") == 2 * epoch_length
+    assert parser.get_parsed_content("lr_decay_steps") == 3 * epoch_length
+
+    # The campaign may switch on the linear decay when it resumes: both optimizers follow the schedule of the
+    # restored iteration (3 steps from iteration 3 reach the final rate at iteration 6, the last one).
+    decay = ["--lr_decay_start", "3", "--lr_decay_steps", "3", "--final_learning_rate", "1e-5"]
+    second = bundle_run(config_files("train_cyclegan"), *_overrides(cyclegan_dataset, models, epochs=2), *decay)
     log = second.stdout + second.stderr
     assert "resuming from" in log and "Epoch[2]" in log and "Epoch[1]" not in log
     resumed = models / "checkpoints_cyclegan" / "checkpoint_epoch_2.pt"
     assert resumed.is_file() and not checkpoint.exists(), "only the newest checkpoint is kept"
-    trainer_state = torch.load(resumed, weights_only=False)["trainer"]
+    resumed_state = torch.load(resumed, weights_only=False)
+    trainer_state = resumed_state["trainer"]
     assert trainer_state["iteration"] == 2 * trainer_state["epoch_length"] == 6, "the second epoch continued the first"
+    for key in ("g_optimizer", "d_optimizer"):
+        assert resumed_state[key]["param_groups"][0]["lr"] == pytest.approx(1e-5), f"{key} follows the decay"
     updated = torch.load(models / "cyclegan_generator.pt", weights_only=True)
     assert any(not torch.equal(weights[k], updated[k]) for k in weights), "resumed training must update G"
 
