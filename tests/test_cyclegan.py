@@ -275,6 +275,18 @@ def _overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
+def test_bundle_training_bad_schedule_gives_one_line(cyclegan_dataset, tmp_path):
+    """A final learning rate above the starting one is refused in one line, before any step or checkpoint."""
+    models = tmp_path / "models"
+    overrides = _overrides(cyclegan_dataset, models, epochs=1) + ["--final_learning_rate", "0.1"]
+    result = bundle_run(config_files("train_cyclegan"), *overrides, check=False)
+    assert result.returncode == 1
+    assert "error: final_learning_rate must be in (0, learning_rate=0.0002], got 0.1." in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (models / "checkpoints_cyclegan").exists() or not any((models / "checkpoints_cyclegan").iterdir())
+
+
 def _cli_value(text: str):
     """A command-line override as the bundle runner reads it: JSON where it parses, else the plain string."""
     try:
