@@ -79,7 +79,10 @@ def validation_workspace(model: Path, dataset: Path, slices: int, work: Path) ->
     validation.mkdir()
     snapshot = work / "model.pt"
     shutil.copyfile(model, snapshot)
-    entries = paired_training_slices(dataset / "datalist.json", slices)
+    try:
+        entries = paired_training_slices(dataset / "datalist.json", slices)
+    except ValueError as error:  # e.g. a test-only dataset such as the second physics: one line, no traceback
+        raise SystemExit(f"error: {error} (validation needs training subjects' source/target pairs)") from None
     (validation / "datalist.json").write_text(json.dumps({"testing": entries}))
     return snapshot, validation, entries
 

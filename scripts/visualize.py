@@ -18,6 +18,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 
 from scripts.io import write_bytes_atomic  # noqa: E402
@@ -162,5 +163,8 @@ def save_training_curve(
         top = ax.secondary_xaxis(
             "top", functions=(lambda s: np.interp(s, steps, hours), lambda h: np.interp(h, hours, steps))
         )
+        # ticks only where the log has a wall time: the clamped map would stack the ticks before the first row
+        ticks = MaxNLocator(6).tick_values(hours.min(), hours.max())
+        top.set_xticks(ticks[(ticks >= hours.min()) & (ticks <= hours.max())])
         top.set_xlabel("wall-clock hours", fontsize=8)
     _save_figure(fig, path, title)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import calibrate_output  # benchmarks/, on sys.path through conftest.py
 import numpy as np
 import pytest
@@ -25,3 +27,14 @@ def test_robust_scale_divides_by_the_percentile_and_clips():
     scaled = calibrate_output.robust_scale(image)
     assert scaled.max() == 1.0 and scaled.min() == 0.0
     assert scaled[500] == pytest.approx(1.0 / np.percentile(image, 99.5))
+
+
+def test_a_dataset_without_validation_pairs_is_refused_in_one_line(tmp_path):
+    """A test-only datalist (the second-physics source has no training subjects) must not end in a traceback."""
+    dataset = tmp_path / "test_only"
+    dataset.mkdir()
+    (dataset / "datalist.json").write_text(json.dumps({"training": [], "source_training": [], "testing": []}))
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    with pytest.raises(SystemExit, match="no 'source_training' entries to validate on.*validation needs training subjects"):
+        calibrate_output.main(["--model", str(model), "--dataset", str(dataset)])

@@ -43,3 +43,22 @@ def test_report_marks_recipe_changes_and_refuses_a_malformed_marker(tmp_path):
     assert figure.stat().st_size > 10_000
     with pytest.raises(SystemExit):  # argparse: one line naming the expected form
         training_report.main([*argv[:-1], "decay starts"])
+
+
+def test_curve_labels_only_the_hours_the_log_covers(tmp_path, monkeypatch):
+    """A resumed campaign's log starts hours in: the top axis must not stack ticks for hours before its first row."""
+    import matplotlib.pyplot as plt
+
+    from scripts import visualize
+
+    figures = []
+    monkeypatch.setattr(visualize, "_save_figure", lambda fig, path, title="": figures.append(fig))
+    rows = [
+        {"iteration": step, "wall_s": 1440.0 + 1.6 * step, "val_dice": 0.3 + step * 1e-5} for step in (330, 2000, 8250)
+    ]
+    visualize.save_training_curve(rows, tmp_path / "curve.png")
+    (axis,) = figures[0].axes[0].child_axes
+    ticks = axis.get_xticks()
+    first, last = rows[0]["wall_s"] / 3600, rows[-1]["wall_s"] / 3600
+    assert len(ticks) >= 2 and all(first <= t <= last for t in ticks), ticks
+    plt.close(figures[0])
