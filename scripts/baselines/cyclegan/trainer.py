@@ -18,7 +18,7 @@ Baselines)::
     python -m monai.bundle run --train#trainer#max_epochs 200 \
         --config_file "['configs/inference.json','configs/methods/cyclegan.json','configs/train_cyclegan.json']"
 
-Wider networks (e.g. ``--generator_channels 16 --discriminator_channels 32``) train on a GPU the same way, but then
+Other sizes (e.g. ``--generator_channels 32 --discriminator_channels 32``) train the same way, but then
 every config that rebuilds ``network_def`` needs the same size overrides to load the exported weights. The generator
 source -> target is exported to ``models/cyclegan_generator.pt`` after every epoch; translate with
 ``CycleGANInferer``.
