@@ -36,5 +36,6 @@ def test_a_dataset_without_validation_pairs_is_refused_in_one_line(tmp_path):
     (dataset / "datalist.json").write_text(json.dumps({"training": [], "source_training": [], "testing": []}))
     model = tmp_path / "model.pt"
     model.write_bytes(b"weights")
-    with pytest.raises(SystemExit, match="no 'source_training' entries to validate on.*validation needs training subjects"):
+    refusal = "no 'source_training' entries to validate on.*validation needs training subjects"
+    with pytest.raises(SystemExit, match=refusal):
         calibrate_output.main(["--model", str(model), "--dataset", str(dataset)])
