@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.bundle import ConfigParser
 
 from scripts.configs import config_files
 
@@ -33,6 +34,20 @@ def save_slice(array: np.ndarray, path: Path, affine: np.ndarray = SLICE_AFFINE)
     """Write `array` as float32 NIfTI at `path`; return the file name, as the datalists of the tests list it."""
     nib.save(nib.Nifti1Image(np.asarray(array).astype(np.float32), affine), str(path))
     return path.name
+
+
+def composed_parser(workflow: str, method: str | None = None, overrides: list[str] = ()) -> ConfigParser:
+    """The configs of `workflow` (with `method`'s override) read as the bundle runner composes them, then the
+    command-line `overrides` (``["--key", "value", ...]``) applied: a value is JSON where it parses, else a string."""
+    parser = ConfigParser()
+    parser.read_config([BUNDLE_ROOT / f for f in config_files(workflow, method)])
+    for key, text in zip(overrides[::2], overrides[1::2], strict=True):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        parser[key[2:]] = value
+    return parser
 
 
 def bundle_env() -> dict[str, str]:

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLE_ROOT, bundle_run, save_slice
-from monai.bundle import ConfigParser
+from helpers import bundle_run, composed_parser, save_slice
 from monai.data import DataLoader, MetaTensor
 from phantoms import phantom
 
@@ -287,14 +286,6 @@ def test_bundle_training_bad_schedule_gives_one_line(cyclegan_dataset, tmp_path)
     assert not (models / "checkpoints_cyclegan").exists() or not any((models / "checkpoints_cyclegan").iterdir())
 
 
-def _cli_value(text: str):
-    """A command-line override as the bundle runner reads it: JSON where it parses, else the plain string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 @pytest.mark.slow
 def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_path):
     models = tmp_path / "models"
@@ -323,10 +314,8 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
     assert rates == [2e-4, 2e-4], "the first half of max_epochs (50 here) runs at the constant rate"
 
     # The default schedule is the original CycleGAN's: constant for the first half of max_epochs, then linear decay.
-    parser = ConfigParser()
-    parser.read_config([BUNDLE_ROOT / f for f in config_files("train_cyclegan")])
     overrides = _overrides(cyclegan_dataset, models, epochs=1) + ["--max_epochs", "5"]
-    parser.update({k[2:]: _cli_value(v) for k, v in zip(overrides[::2], overrides[1::2], strict=True)})
+    parser = composed_parser("train_cyclegan", overrides=overrides)
     epoch_length = len(parser.get_parsed_content("train#dataloader"))
     assert epoch_length == 3
     assert parser.get_parsed_content("lr_decay_start") == 2 * epoch_length
@@ -349,9 +338,7 @@ def test_bundle_training_writes_the_generator_and_resumes(cyclegan_dataset, tmp_
     assert any(not torch.equal(weights[k], updated[k]) for k in weights), "resumed training must update G"
 
     # What the method's override does in evaluation and inference: rebuild network_def, load the exported weights.
-    parser = ConfigParser()
-    parser.read_config([BUNDLE_ROOT / f for f in config_files("evaluate", "cyclegan")])
-    parser.update({k[2:]: json.loads(v) for k, v in zip(TINY[::2], TINY[1::2], strict=True)})
+    parser = composed_parser("evaluate", "cyclegan", TINY)
     network = load_weights(parser.get_parsed_content("network_def"), models / "cyclegan_generator.pt")
     inferer = parser.get_parsed_content("inferer")
     out = inferer(phantom(48), network)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 import training_report  # benchmarks/, on sys.path through conftest.py
+
+from scripts import visualize
 
 LOG = """iteration,epoch,wall_s,images_seen,val_dice,val_ssim,val_psnr,validation
 100,1,60.0,800,0.30,0.50,15.0,set a
@@ -47,10 +50,6 @@ def test_report_marks_recipe_changes_and_refuses_a_malformed_marker(tmp_path):
 
 def test_curve_labels_only_the_hours_the_log_covers(tmp_path, monkeypatch):
     """A resumed campaign's log starts hours in: the top axis must not stack ticks for hours before its first row."""
-    import matplotlib.pyplot as plt
-
-    from scripts import visualize
-
     figures = []
     monkeypatch.setattr(visualize, "_save_figure", lambda fig, path, title="": figures.append(fig))
     rows = [
