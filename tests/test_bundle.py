@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BUNDLE_ROOT
+from helpers import BUNDLE_ROOT, composed_parser
 from monai.bundle import ConfigParser
 
 from scripts.configs import DEFAULT_METHOD, TRAINED_METHOD, WORKFLOWS, available_methods, config_files
@@ -108,12 +108,6 @@ STANDALONE = {"prepare.json": [], "prepare_second_physics.json": ["prepare.json"
               "make_demo.json": [], "metadata.json": []}  # fmt: skip
 
 
-def _composed(workflow: str, method: str | None) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([BUNDLE_ROOT / f for f in config_files(workflow, method)])
-    return parser
-
-
 def test_every_config_file_is_composed_or_stands_alone():
     composed = {Path(f).name for workflow, method in COMPOSED for f in config_files(workflow, method)}
     on_disk = {p.name for p in CONFIGS.glob("*.json")} | {p.name for p in (CONFIGS / "methods").glob("*.json")}
@@ -124,7 +118,7 @@ def test_every_config_file_is_composed_or_stands_alone():
 
 @pytest.mark.parametrize("workflow, method", COMPOSED)
 def test_every_workflow_composes_with_every_method(workflow, method):
-    parser = _composed(workflow, method)
+    parser = composed_parser(workflow, method)
     assert parser["method"] == (method or TRAINED_METHOD.get(workflow, DEFAULT_METHOD))
     assert "%configs/" not in json.dumps(parser.get()), "cross-file macros resolve against the working directory"
     for key in ("network_def", "translator", "initialize", "run"):
@@ -172,10 +166,10 @@ def test_workflows_agree_on_every_shared_setting(setting):
         keys = ConfigParser.load_config_file(BUNDLE_ROOT / override)
         assert setting not in keys and f"+{setting}" not in keys, f"{override} redefines the shared '{setting}'"
     for method in available_methods(BUNDLE_ROOT):
-        values = {"inference": _composed("inference", method).get(setting)}
-        values["evaluate"] = _composed("evaluate", method).get(setting)
+        values = {"inference": composed_parser("inference", method).get(setting)}
+        values["evaluate"] = composed_parser("evaluate", method).get(setting)
         trainer = "train" if method == DEFAULT_METHOD else f"train_{method}"
         if trainer in WORKFLOWS:
-            values[trainer] = _composed(trainer, None).get(setting)
+            values[trainer] = composed_parser(trainer, None).get(setting)
         first = values["inference"]
         assert all(value == first for value in values.values()), f"{setting} differs between workflows: {values}"
