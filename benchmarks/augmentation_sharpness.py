@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
@@ -30,9 +29,11 @@ from scipy.ndimage import gaussian_filter
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
+from compare import load_slice  # noqa: E402  (benchmarks/, beside this script)
+from tune_sampling import validation_pairs  # noqa: E402
+
 from scripts.evaluation.segmenter import KMeansTissueSegmenter, tissue_dice  # noqa: E402
 from scripts.io import write_text_atomic  # noqa: E402
-from scripts.training import paired_training_slices  # noqa: E402
 from scripts.transforms import robust_scale  # noqa: E402
 
 BLUR_SIGMAS = (0.5, 0.75, 1.0)
@@ -47,10 +48,6 @@ def configured_affine(train_config: Path) -> dict:
     return {k: v for k, v in found[0].items() if k not in ("_target_", "keys", "allow_missing_keys")}
 
 
-def load_slice(path: str) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32).squeeze()
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=BUNDLE_ROOT / "data" / "labelmaps")
@@ -62,10 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     datalist = args.dataset / "datalist.json"
     if not datalist.is_file():
         raise SystemExit(f"error: {datalist} not found (prepare.json --source labelmaps writes it)")
-    try:
-        entries = paired_training_slices(datalist, args.slices)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    entries = validation_pairs(args.dataset, args.slices)
     segmenter = KMeansTissueSegmenter.load(BUNDLE_ROOT / "models" / "segmenter.json")
     affine = configured_affine(BUNDLE_ROOT / "configs" / "train.json")
 
@@ -77,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     modes = ("bilinear", "nearest")
     rows.update({f"RandAffined, image {m}": [] for m in modes})
     for index, entry in enumerate(entries):
-        image, labels = load_slice(entry["target"]), load_slice(entry["label"])
+        image, labels = load_slice(entry["target"]).squeeze(), load_slice(entry["label"]).squeeze()
         rows["as simulated"].append(score(image, labels))
         for sigma in BLUR_SIGMAS:
             rows[f"Gaussian blur, sigma {sigma} px"].append(score(gaussian_filter(image, sigma), labels))

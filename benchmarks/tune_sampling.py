@@ -69,6 +69,15 @@ def evaluate(
     return {**setting, **{name: round(read_mean(folder, name), 4) for name in ("dice", "psnr", "ssim", "seconds")}}
 
 
+def validation_pairs(dataset: Path, slices: int) -> list[dict]:
+    """`slices` validation pairs of `dataset` (training subjects' PDw with their T1w, labels and mask), or a one-line
+    exit when it has none (e.g. a test-only dataset such as the second physics)."""
+    try:
+        return paired_training_slices(dataset / "datalist.json", slices)
+    except ValueError as error:
+        raise SystemExit(f"error: {error} (validation needs training subjects' source/target pairs)") from None
+
+
 def validation_workspace(model: Path, dataset: Path, slices: int, work: Path) -> tuple[Path, Path, list[dict]]:
     """A snapshot of `model` and a datalist of `slices` validation pairs (training subjects' PDw) under `work`.
 
@@ -79,10 +88,7 @@ def validation_workspace(model: Path, dataset: Path, slices: int, work: Path) ->
     validation.mkdir()
     snapshot = work / "model.pt"
     shutil.copyfile(model, snapshot)
-    try:
-        entries = paired_training_slices(dataset / "datalist.json", slices)
-    except ValueError as error:  # e.g. a test-only dataset such as the second physics: one line, no traceback
-        raise SystemExit(f"error: {error} (validation needs training subjects' source/target pairs)") from None
+    entries = validation_pairs(dataset, slices)
     (validation / "datalist.json").write_text(json.dumps({"testing": entries}))
     return snapshot, validation, entries
 
