@@ -34,7 +34,13 @@ from tune_sampling import evaluate, validation_workspace  # noqa: E402  (benchma
 from scripts.io import write_text_atomic  # noqa: E402
 from scripts.transforms import robust_scale  # noqa: E402  (the scaling every consumer of a translation applies)
 
-SHIPPED_SAMPLING = {"num_steps": 20, "eta": 1.0, "guidance_scale": 0.0, "guidance_every": 1, "num_samples": 4}
+
+def shipped_sampling() -> dict:
+    """The default translator's sampling settings, as configs/inference.json ships them (the calibration must see
+    the same averaged, mirrored samples as a user)."""
+    config = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
+    keys = ("num_steps", "eta", "guidance_scale", "guidance_every", "num_samples", "mirror_samples")
+    return {key: config[key] for key in keys}
 
 
 def fit_gamma(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gammas: np.ndarray) -> tuple[float, list]:
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         model, validation, entries = validation_workspace(args.model, args.dataset, args.slices, work)
-        common = (model, validation, args.slices, SHIPPED_SAMPLING, args.seed)
+        common = (model, validation, args.slices, shipped_sampling(), args.seed)
         self_translation = ("--output_gamma", "1.0", "--source_key", "target", "--save_outputs", "True")
         self_run = evaluate("lmi", *common, work / "t1w", self_translation)
         pairs = []

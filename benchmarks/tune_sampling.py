@@ -54,6 +54,7 @@ def evaluate(
         "--model_path", str(model), "--dataset_dir", str(dataset), "--num_slices", str(slices),
         "--num_steps", str(setting["num_steps"]), "--eta", str(setting["eta"]),
         "--num_samples", str(setting.get("num_samples", 1)),
+        "--mirror_samples", str(bool(setting.get("mirror_samples", 0))),
         "--guidance_scale", str(setting["guidance_scale"]), "--guidance_every", str(setting["guidance_every"]),
         "--seed", str(seed), "--output_dir", str(work),
     ]  # fmt: skip
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--scales", default="0", help="comma-separated LMI-guidance scales (0 = off)")
     parser.add_argument("--every", default="1", help="comma-separated guidance frequencies (every n-th step)")
     parser.add_argument("--samples", default="1", help="comma-separated samples per slice, averaged (--method lmi)")
+    parser.add_argument(
+        "--mirror", default="0", help="comma-separated 0/1: every second sample on the mirrored source (--method lmi)"
+    )
     parser.add_argument("--starts", default="500", help="comma-separated SDEdit start timesteps (--method sdedit)")
     parser.add_argument(
         "--windows", default="12", help="comma-separated projection windows, 0 = none (--method lmi_projection)"
@@ -120,14 +124,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "guidance_scale": [float(v) for v in args.scales.split(",")],
         "guidance_every": [int(v) for v in args.every.split(",")],
         "num_samples": [int(v) for v in args.samples.split(",")],
+        "mirror_samples": [int(v) for v in args.mirror.split(",")],
     }
     if args.method == "sdedit":  # SDEdit starts from the noised source: no guidance, its own start step
         axes = {"num_steps": axes["num_steps"], "sdedit_start": [int(v) for v in args.starts.split(",")]}
-        axes.update(eta=[0.0], guidance_scale=[0.0], guidance_every=[1], num_samples=[1])
+        axes.update(eta=[0.0], guidance_scale=[0.0], guidance_every=[1], num_samples=[1], mirror_samples=[0])
     if args.method == "lmi_projection":  # the default sampler, its final x0 estimate projected
         axes["projection_window"] = [float(v) for v in args.windows.split(",")]
     grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     grid = [g for g in grid if g["guidance_scale"] > 0 or g["guidance_every"] == 1]  # every needs guidance
+    grid = [g for g in grid if g["num_samples"] > 1 or not g["mirror_samples"]]  # mirroring needs two samples
     rows = []
     start = f" {'start':>5}" if "sdedit_start" in axes else f" {'n':>5}"
     start += f" {'window':>6}" if "projection_window" in axes else ""
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cells = f"{row['dice']:6.3f} {row['psnr']:6.2f} {row['ssim']:6.3f} {row['seconds']:7.2f}"
             knobs = f"{row['num_steps']:5d} {row['eta']:4.1f} {row['guidance_scale']:6.3f} {row['guidance_every']:5d}"
             knobs += f" {row['sdedit_start']:5d}" if "sdedit_start" in row else f" {row['num_samples']:5d}"
+            knobs += "m" if row.get("mirror_samples") else " "
             knobs += f" {row['projection_window']:6.1f}" if "projection_window" in row else ""
             print(f"{knobs} {cells}")
     best = max(rows, key=lambda r: (r["dice"], r["ssim"]))

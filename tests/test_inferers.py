@@ -294,3 +294,18 @@ def test_several_samples_per_image_are_averaged_and_their_spread_kept(conditione
     assert torch.allclose(several.sample(source, network), mean), "reproducible for a seed"
     with pytest.raises(ValueError, match="num_samples"):
         make_inferer(conditioner, num_samples=0)
+
+
+def test_mirrored_samples_translate_the_mirrored_source_and_are_mirrored_back(conditioner, network):
+    source = torch.cat([phantom(32, seed=1), phantom(32, seed=2)])
+    mirrored = make_inferer(conditioner, eta=1.0, num_samples=2, mirror_samples=True)
+    mean = mirrored.sample(source, network)
+    # sample 0 of each image: the source; sample 1: the source mirrored along spatial axis 0 (tensor dim 2), its
+    # translation mirrored back
+    batch = torch.stack([source, source.flip(2)], 1).view(4, 1, 32, 32)
+    draws = mirrored._sample_once(batch, network).view(2, 2, 1, 32, 32)
+    expected = torch.stack([draws[:, 0], draws[:, 1].flip(2)], 1)
+    torch.testing.assert_close(mean, expected.mean(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mirrored.last_std, expected.std(1), rtol=0, atol=1e-6)
+    plain = make_inferer(conditioner, eta=1.0, num_samples=2).sample(source, network)
+    assert not torch.allclose(plain, mean), "the mirrored draw differs from an unmirrored one"

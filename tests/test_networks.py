@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.lmidiffusion.networks import SpaceToDepthDiffusionUNet
+from scripts.lmidiffusion.networks import SpaceToDepthDiffusionUNet, deepen_state_dict
 from scripts.training import load_weights, warm_start
 
 UNET = {"channels": [8, 8], "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 8}
@@ -69,3 +69,53 @@ def test_only_the_named_new_modules_may_be_missing(tmp_path):
         load_weights(denoiser(4), path)
     with pytest.raises(ValueError, match="refine_channels must be >= 0"):
         denoiser(-1)
+
+
+def deep_denoiser(num_res_blocks, attention_levels=(False, True), seed: int = 1) -> SpaceToDepthDiffusionUNet:
+    torch.manual_seed(seed)
+    unet = {
+        **UNET,
+        "num_res_blocks": num_res_blocks,
+        "attention_levels": list(attention_levels),
+        "num_head_channels": 8,
+    }
+    return SpaceToDepthDiffusionUNet(3, 1, factor=2, **unet).eval()
+
+
+def trained_like(network: SpaceToDepthDiffusionUNet) -> SpaceToDepthDiffusionUNet:
+    """Every parameter moved off its initial value, so a zero-initialised last layer is no longer zero."""
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return network
+
+
+@pytest.mark.parametrize("deeper", [2, [3, 1], [1, 2]])
+def test_a_deepened_denoiser_computes_exactly_what_the_trained_one_did_and_then_learns(deeper):
+    shallow = trained_like(deep_denoiser(1, seed=0))
+    deep = deep_denoiser(deeper)
+    deep.load_state_dict(deepen_state_dict(shallow.state_dict(), deep, 1))
+    x, t = torch.rand(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t), shallow(x, t), rtol=0, atol=1e-6)
+    assert sum(p.numel() for p in deep.parameters()) > sum(p.numel() for p in shallow.parameters())
+    deep.train()
+    (deep(x, t) - x[:, :1]).pow(2).mean().backward()
+    last = len(deep.unet.down_blocks[0].resnets) - 1
+    if last:  # an added block gets a gradient on its zeroed layer, so training can use it
+        assert deep.unet.down_blocks[0].resnets[last].conv2.conv.weight.grad.abs().sum() > 0
+
+
+def test_warm_start_deepens_a_trained_file_and_refuses_what_does_not_fit(tmp_path):
+    shallow = trained_like(deep_denoiser(1, seed=0))
+    path = tmp_path / "model.pt"
+    torch.save(shallow.state_dict(), path)
+    deep = warm_start(deep_denoiser(2), path, tmp_path / "checkpoints", source_num_res_blocks=1)
+    x, t = torch.rand(1, 3, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t), shallow(x, t), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot deepen"):  # fewer blocks than the file is not deepening
+        warm_start(deep_denoiser(1), path, tmp_path / "checkpoints", source_num_res_blocks=2)
+    with pytest.raises(ValueError, match="has no place"):  # other channels: not the same network made deeper
+        wide = {**UNET, "channels": [16, 16], "norm_num_groups": 8, "num_res_blocks": 2}
+        warm_start(SpaceToDepthDiffusionUNet(3, 1, **wide), path, tmp_path / "checkpoints", source_num_res_blocks=1)

@@ -67,6 +67,11 @@ class LMIGuidedInferer(DiffusionInferer):
             guided step costs an LMI forward and backward, about 0.7 of a network evaluation at 64 x 64.
         eta: DDIM stochasticity (0 = deterministic DDIM).
         num_samples: samples per image, averaged (their standard deviation is kept in ``last_std``).
+        mirror_samples: with ``num_samples`` > 1, every second sample translates the source mirrored along
+            `mirror_axis` and is mirrored back before the average (test-time augmentation: the samples then differ
+            in the network's systematic errors as well as in their noise).
+        mirror_axis: the spatial axis mirrored; it must be one the training augmentation flips (the bundle's slices
+            hold left-right along spatial axis 0), or the mirrored samples show the network an unseen anatomy.
         model_size: spatial size the network works on; None uses the input size.
         mask_background: set the translation to 0 outside the head mask of the source.
         output_gamma: power applied to each [0, 1] sample: the translator's intensity calibration. The denoiser
@@ -91,6 +96,8 @@ class LMIGuidedInferer(DiffusionInferer):
         guidance_every: int = 1,
         eta: float = 0.0,
         num_samples: int = 1,
+        mirror_samples: bool = False,
+        mirror_axis: int = 0,
         model_size: Sequence[int] | None = None,
         mask_background: bool = True,
         output_gamma: float = 1.0,
@@ -118,6 +125,8 @@ class LMIGuidedInferer(DiffusionInferer):
         self.guidance_every = int(guidance_every)
         self.eta = float(eta)
         self.num_samples = int(num_samples)
+        self.mirror_samples = bool(mirror_samples)
+        self.mirror_axis = int(mirror_axis)
         self.last_std: torch.Tensor | None = None
         self.model_size = tuple(model_size) if model_size is not None else None
         self.mask_background = mask_background
@@ -230,7 +239,16 @@ class LMIGuidedInferer(DiffusionInferer):
         count, batch = self.num_samples, inputs.shape[0]
         repeated = plain(inputs).repeat_interleave(count, 0)
         heads = None if head is None else plain(head).repeat_interleave(count, 0)
-        samples = plain(self._sample_once(repeated, network, heads)).view(batch, count, *inputs.shape[1:])
+        mirrored = (torch.arange(count * batch) % count % 2 == 1) if self.mirror_samples else None
+        axis = 2 + self.mirror_axis  # (B, C, spatial...)
+        if mirrored is not None:
+            repeated[mirrored] = repeated[mirrored].flip(axis)
+            if heads is not None:
+                heads[mirrored] = heads[mirrored].flip(axis)
+        samples = plain(self._sample_once(repeated, network, heads))
+        if mirrored is not None:
+            samples[mirrored] = samples[mirrored].flip(axis)
+        samples = samples.view(batch, count, *inputs.shape[1:])
         self.last_std = samples.std(1)
         return convert_to_dst_type(samples.mean(1), dst=inputs)[0]
 

@@ -10,6 +10,11 @@ full-resolution head (three 3 x 3 convolutions) sees the UNet's estimate beside 
 correction; its last convolution starts at zero, so the head can be added to a trained network and fine-tuned from
 exactly that network's output. The shipped model has none: fine-tuned onto it, the head did not raise validation
 Dice (docs/method.md, "What each measured choice bought").
+
+A trained denoiser can also be made deeper without changing what it computes (:func:`deepen_state_dict`): every
+added residual block starts as the identity (its last convolution at zero, and in the up path a skip projection
+that passes the hidden state through), and every added attention block starts with its output projection at zero,
+so a campaign can continue from the trained weights with more blocks per level.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-__all__ = ["SpaceToDepthDiffusionUNet"]
+__all__ = ["SpaceToDepthDiffusionUNet", "deepen_state_dict"]
 
 
 class SpaceToDepthDiffusionUNet(torch.nn.Module):
@@ -79,3 +84,72 @@ class SpaceToDepthDiffusionUNet(torch.nn.Module):
         if self.refine is None:
             return coarse
         return coarse + self.refine(torch.cat([coarse, x], dim=1))
+
+
+def _identity_block(state: dict[str, torch.Tensor], prefix: str, out_channels: int) -> None:
+    """Make the residual block (and attention block) at `prefix` of a fresh state return its input unchanged."""
+    if prefix.rsplit(".", 2)[-2] == "resnets":
+        state[f"{prefix}.conv2.conv.weight"].zero_()
+        state[f"{prefix}.conv2.conv.bias"].zero_()
+        skip = f"{prefix}.skip_connection.conv.weight"
+        if skip in state:  # up path: 1 x 1 projection of [hidden, skip] -> keep the hidden channels only
+            weight = torch.zeros_like(state[skip])
+            weight[:, :out_channels, 0, 0] = torch.eye(out_channels, dtype=weight.dtype)
+            state[skip] = weight
+            state[f"{prefix}.skip_connection.conv.bias"].zero_()
+    else:  # attentions: the residual attention block adds its output projection to its input
+        state[f"{prefix}.attn.out_proj.weight"].zero_()
+        state[f"{prefix}.attn.out_proj.bias"].zero_()
+
+
+def deepen_state_dict(
+    state: dict[str, torch.Tensor], network: torch.nn.Module, source_num_res_blocks: int | list[int]
+) -> dict[str, torch.Tensor]:
+    """A state dict for `network` that computes exactly what `state` (the same network with
+    `source_num_res_blocks` residual blocks per level) computes (see the module docstring).
+
+    The down path of level ``l`` gains blocks after its trained ones; each new block's output equals its input, so
+    the extra skip tensors repeat the last trained block's output. The matching up block pops those repeats first:
+    its first trained block keeps its place, the new identity blocks follow, then the remaining trained blocks.
+    """
+    target = {key: value.detach().clone() for key, value in network.state_dict().items()}
+    unet = network.unet if hasattr(network, "unet") else network
+    prefix = "unet." if hasattr(network, "unet") else ""
+    levels = len(unet.down_blocks)
+    new_blocks = [len(block.resnets) for block in unet.down_blocks]
+    old_blocks = (
+        [int(source_num_res_blocks)] * levels if isinstance(source_num_res_blocks, int) else list(source_num_res_blocks)
+    )
+    if len(old_blocks) != levels or any(not 1 <= o <= n for o, n in zip(old_blocks, new_blocks, strict=True)):
+        raise ValueError(f"cannot deepen {old_blocks} residual blocks per level into {new_blocks}.")
+
+    def renamed(key: str) -> str:
+        """The key of `network` that the trained `key` moves to."""
+        parts = key[len(prefix) :].split(".") if key.startswith(prefix) else None
+        if parts is None or parts[0] not in ("down_blocks", "up_blocks") or parts[2] not in ("resnets", "attentions"):
+            return key
+        level = int(parts[1]) if parts[0] == "down_blocks" else levels - 1 - int(parts[1])
+        index, extra = int(parts[3]), new_blocks[level] - old_blocks[level]
+        if parts[0] == "up_blocks" and index >= 1:
+            index += extra
+        return prefix + ".".join(parts[:3] + [str(index)] + parts[4:])
+
+    for key, value in state.items():
+        new_key = renamed(key)
+        if new_key not in target or target[new_key].shape != value.shape:
+            raise ValueError(f"trained parameter {key} {tuple(value.shape)} has no place in the deeper network.")
+        target[new_key] = value.detach().clone()
+    for level in range(levels):
+        extra = new_blocks[level] - old_blocks[level]
+        channels = unet.down_blocks[level].resnets[0].out_channels
+        up = levels - 1 - level
+        fresh = [
+            f"down_blocks.{level}.{kind}.{old_blocks[level] + k}"
+            for k in range(extra)
+            for kind in ("resnets", "attentions")
+        ]
+        fresh += [f"up_blocks.{up}.{kind}.{1 + k}" for k in range(extra) for kind in ("resnets", "attentions")]
+        for block in fresh:
+            if any(key.startswith(f"{prefix}{block}.") for key in target):
+                _identity_block(target, prefix + block, channels)
+    return target

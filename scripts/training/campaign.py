@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
 from scripts.io import write_torch_atomic
+from scripts.lmidiffusion.networks import deepen_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +118,9 @@ class EpochLengthFromData:
             engine.state.epoch_length = length
 
 
-def load_weights(
-    network: torch.nn.Module, path: str | os.PathLike, map_location=None, fresh_modules: tuple[str, ...] = ()
-) -> torch.nn.Module:
-    """Load a state dict into `network`, with one clear line for a missing, unreadable or mismatched model file.
-
-    Parameters of the submodules named in `fresh_modules` may be absent from the file; they keep their initial
-    values (a head added to a trained network, see :func:`warm_start`).
-    """
+def read_state_dict(path: str | os.PathLike, map_location=None) -> dict[str, torch.Tensor]:
+    """The state dict stored at `path` (a checkpoint's ``model`` entry too), with one clear line for a missing or
+    unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -139,6 +135,19 @@ def load_weights(
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"model file {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def load_weights(
+    network: torch.nn.Module, path: str | os.PathLike, map_location=None, fresh_modules: tuple[str, ...] = ()
+) -> torch.nn.Module:
+    """Load a state dict into `network`, with one clear line for a missing, unreadable or mismatched model file.
+
+    Parameters of the submodules named in `fresh_modules` may be absent from the file; they keep their initial
+    values (a head added to a trained network, see :func:`warm_start`).
+    """
+    path = Path(path)
+    state = read_state_dict(path, map_location)
     expected = network.state_dict()
     missing = [k for k in expected if k not in state and k.split(".", 1)[0] not in fresh_modules]
     unexpected = [k for k in state if k not in expected]
@@ -163,14 +172,22 @@ def warm_start(
     path: str | os.PathLike | None,
     checkpoint_dir: str | os.PathLike,
     fresh_modules: tuple[str, ...] = ("refine",),
+    source_num_res_blocks: int | list[int] | None = None,
 ) -> torch.nn.Module:
     """Start a new campaign from trained weights at `path` (None: from scratch), unless it is resuming.
 
     A checkpoint in `checkpoint_dir` wins: the resume handlers load it over these weights, so a warm-started
     campaign resumes like any other. The submodules in `fresh_modules` (a full-resolution head added to a trained
-    denoiser) may be missing from the file and start from their initial values.
+    denoiser) may be missing from the file and start from their initial values. With `source_num_res_blocks`, the
+    file holds a shallower denoiser (that many residual blocks per level) and `network` starts as its exact
+    deepened copy (``scripts.lmidiffusion.networks.deepen_state_dict``).
     """
     if path is None or checkpoints(checkpoint_dir):
+        return network
+    if source_num_res_blocks is not None:
+        state = deepen_state_dict(read_state_dict(path), network, source_num_res_blocks)
+        network.load_state_dict(state)
+        logger.info(f"warm start from {path}, deepened from {source_num_res_blocks} residual blocks per level")
         return network
     load_weights(network, path, fresh_modules=fresh_modules)
     logger.info(f"warm start from {path} (parameters of {', '.join(fresh_modules) or '-'} it lacks start fresh)")
