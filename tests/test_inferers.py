@@ -309,3 +309,5 @@ def test_mirrored_samples_translate_the_mirrored_source_and_are_mirrored_back(co
     torch.testing.assert_close(mirrored.last_std, expected.std(1), rtol=0, atol=1e-6)
     plain = make_inferer(conditioner, eta=1.0, num_samples=2).sample(source, network)
     assert not torch.allclose(plain, mean), "the mirrored draw differs from an unmirrored one"
+    with pytest.raises(ValueError, match="mirror_axis must be a spatial axis"):
+        make_inferer(conditioner, num_samples=2, mirror_samples=True, mirror_axis=2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import re
 import sys
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.io import write_text_atomic, write_torch_atomic  # noqa: E402
-from scripts.training import checkpoints  # noqa: E402
+from scripts.io import write_torch_atomic  # noqa: E402
+from scripts.training import checkpoints, write_log_rows  # noqa: E402
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -75,12 +74,7 @@ def rebase(prior_log: Path, log: Path, checkpoint_dir: Path) -> dict:
         }
         for row in stage
     ]
-    rows = prior + shifted
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(log, text.getvalue())
+    write_log_rows(log, prior + shifted)
     return {"steps": steps, "epochs": epochs, "wall_s": wall, "images_seen": images, "rows": len(shifted)}
 
 

@@ -115,6 +115,8 @@ class LMIGuidedInferer(DiffusionInferer):
             raise ValueError(f"guidance_every must be >= 1, got {guidance_every}.")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if mirror_axis not in (0, 1):
+            raise ValueError(f"mirror_axis must be a spatial axis of a 2D slice (0 or 1), got {mirror_axis}.")
         self.conditioner = conditioner
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)

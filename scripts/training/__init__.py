@@ -26,7 +26,7 @@ from scripts.training.data import (
     target_only,
     with_tissue_labels,
 )
-from scripts.training.handlers import ClipGradients, LearningRateSchedule, TrainingLog, WallClock
+from scripts.training.handlers import ClipGradients, LearningRateSchedule, TrainingLog, WallClock, write_log_rows
 
 __all__ = [
     "SOURCE_TAGS",
@@ -37,6 +37,7 @@ __all__ = [
     "SafeCheckpointSaver",
     "SourceLeakError",
     "TrainingLog",
+    "write_log_rows",
     "WallClock",
     "checkpoints",
     "distributed_backend",

@@ -41,6 +41,15 @@ class WallClock:
         self.started = time.monotonic()
 
 
+def write_log_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write a campaign log's rows atomically as CSV, with every column any row has (a kill never leaves half a row)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
 class TrainingLog:
     """Validation handler: append one CSV row per validation to `path` (the training campaign's log).
 
@@ -97,11 +106,7 @@ class TrainingLog:
         if self.validation:
             row["validation"] = self.validation
         rows = [r for r in self._rows() if int(r["iteration"]) < row["iteration"]] + [row]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomic(self.path, text.getvalue())
+        write_log_rows(self.path, rows)
         logger.info("training log: %s", ", ".join(f"{k}={v}" for k, v in row.items()))
 
 
