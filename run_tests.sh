@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source tools/ensure_venv.sh requirements-dev.txt
 echo "[checks] ruff lint (pyflakes, pycodestyle, isort order) and black-compatible format, line length 120"
-ruff check scripts tests benchmarks
-ruff format --check scripts tests benchmarks
+ruff check scripts tests benchmarks tools
+ruff format --check scripts tests benchmarks tools
 set +e
 python -m pytest "$@"
 rc=$?
