@@ -274,6 +274,37 @@ def _overrides(dataset: Path, models: Path, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
+def test_new_stage_starts_both_generators_from_a_resume_state_and_new_discriminators(tmp_path, caplog):
+    """`init_checkpoint` starts a stage from another campaign's generators (each its own entry) with discriminators
+    of any size; a plain weights file is refused, since it would give one generator the other's weights."""
+    torch.manual_seed(0)
+    trained = {k: ResnetGenerator(1, 1, **TINY_SIZES).state_dict() for k in ("generator_ab", "generator_ba")}
+    resume_state = tmp_path / "checkpoint_epoch_50.pt"
+    torch.save({**trained, "discriminator_a": discriminator(1, 4, 2).state_dict(), "wall_clock": {}}, resume_state)
+    overrides = TINY + [
+        "--init_checkpoint", str(resume_state),
+        "--checkpoint_dir", str(tmp_path / "new_stage"),
+        "--discriminator_channels", "8",
+    ]  # fmt: skip
+    parser = composed_parser("train_cyclegan", "cyclegan", overrides)
+    for key, weights in trained.items():
+        started = parser.get_parsed_content(key).state_dict()
+        assert all(torch.equal(started[name], value) for name, value in weights.items()), key
+    sizes = [
+        sum(p.numel() for p in d.parameters())
+        for d in (parser.get_parsed_content("discriminator_a"), discriminator(1, 8, 2))
+    ]
+    assert sizes[0] == sizes[1], "the discriminators are new, of the configured size"
+
+    plain = tmp_path / "cyclegan_generator.pt"
+    torch.save(trained["generator_ab"], plain)
+    overrides = TINY + ["--init_checkpoint", str(plain), "--checkpoint_dir", str(tmp_path / "other_stage")]
+    parser = composed_parser("train_cyclegan", "cyclegan", overrides)
+    with pytest.raises(SystemExit):
+        parser.get_parsed_content("generator_ab")
+    assert "is not a resume state with a 'generator_ab' entry; give a checkpoint_epoch_*.pt" in caplog.text
+
+
 @pytest.mark.slow
 def test_bundle_training_bad_schedule_gives_one_line(cyclegan_dataset, tmp_path):
     """A final learning rate above the starting one is refused in one line, before any step or checkpoint."""

@@ -87,6 +87,32 @@ def test_learning_rate_schedule_holds_then_decays_linearly_and_overrides_every_g
     with pytest.raises(ValueError, match="lr_decay_start"):
         LearningRateSchedule(optimizer, 5e-4, decay_start=-1)
 
+    # Later stages of a campaign continue linearly from the point before, then hold the last rate.
+    staged = LearningRateSchedule(optimizer, 5e-4, 100, 40, 1e-4, milestones=[[200, 1e-4], [300, 2e-5]])
+    expected = {100: 5e-4, 120: 3e-4, 140: 1e-4, 200: 1e-4, 250: 6e-5, 300: 2e-5, 10_000: 2e-5}
+    assert {i: staged.rate(i) for i in expected} == pytest.approx(expected)
+    held = LearningRateSchedule(optimizer, 5e-4, milestones=[[10, 5e-4], [20, 1e-4]])
+    assert [held.rate(i) for i in (1, 10, 15, 20, 99)] == pytest.approx([5e-4, 5e-4, 3e-4, 1e-4, 1e-4])
+    for bad in ([[140, 1e-5]], [[200, 1e-5], [150, 1e-5]], [[200, 0.0]], [[200]]):
+        with pytest.raises(ValueError, match="lr_milestones must be"):
+            LearningRateSchedule(optimizer, 5e-4, 100, 40, 1e-4, milestones=bad)
+
+
+def test_campaign_config_holds_the_schedule_every_stage_ran_with():
+    """The shipped campaign's stages (docs/README.md, Training): 5e-4, linear to 5e-5 from step 19,588 over 8,000
+    steps, 5e-5 to step 45,152, then linear to 1e-5 at 51,152; resuming with the default config continues it."""
+    from helpers import composed_parser
+
+    parser = composed_parser("train")
+    schedule = LearningRateSchedule(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+        *(parser.get_parsed_content(k) for k in ("learning_rate", "lr_decay_start", "lr_decay_steps")),
+        parser.get_parsed_content("final_learning_rate"),
+        parser.get_parsed_content("lr_milestones"),
+    )
+    expected = {19_588: 5e-4, 23_588: 2.75e-4, 27_588: 5e-5, 45_152: 5e-5, 48_152: 3e-5, 51_152: 1e-5, 60_000: 1e-5}
+    assert {i: schedule.rate(i) for i in expected} == pytest.approx(expected)
+
 
 def test_resume_skips_objects_the_checkpoint_lacks_and_falls_back_past_an_unreadable_one(tmp_path, caplog):
     from scripts.training import resume_handlers

@@ -118,9 +118,9 @@ class EpochLengthFromData:
             engine.state.epoch_length = length
 
 
-def read_state_dict(path: str | os.PathLike, map_location=None) -> dict[str, torch.Tensor]:
-    """The state dict stored at `path` (a checkpoint's ``model`` entry too), with one clear line for a missing or
-    unreadable file."""
+def read_state_dict(path: str | os.PathLike, map_location=None, entry: str = "model") -> dict[str, torch.Tensor]:
+    """The state dict stored at `path` (or a resume state's `entry`, ``model`` by default), with one clear line for a
+    missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
@@ -131,23 +131,30 @@ def read_state_dict(path: str | os.PathLike, map_location=None) -> dict[str, tor
             f"cannot read model file {path}: not a state dict saved with torch.save ({type(error).__name__}); "
             "give the bundle's weights (models/*.pt)"
         ) from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    if isinstance(state, dict) and entry in state and isinstance(state[entry], dict):
+        state = state[entry]
+    elif entry != "model":  # a plain weights file would load one generator's weights into the other
+        raise ValueError(f"{path} is not a resume state with a '{entry}' entry; give a checkpoint_epoch_*.pt")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"model file {path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
 
 
 def load_weights(
-    network: torch.nn.Module, path: str | os.PathLike, map_location=None, fresh_modules: tuple[str, ...] = ()
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    map_location=None,
+    fresh_modules: tuple[str, ...] = (),
+    entry: str = "model",
 ) -> torch.nn.Module:
     """Load a state dict into `network`, with one clear line for a missing, unreadable or mismatched model file.
 
     Parameters of the submodules named in `fresh_modules` may be absent from the file; they keep their initial
-    values (a head added to a trained network, see :func:`warm_start`).
+    values (a head added to a trained network, see :func:`warm_start`). `entry` names the network in a resume state
+    that holds several (``generator_ab`` of a CycleGAN checkpoint).
     """
     path = Path(path)
-    state = read_state_dict(path, map_location)
+    state = read_state_dict(path, map_location, entry)
     expected = network.state_dict()
     missing = [k for k in expected if k not in state and k.split(".", 1)[0] not in fresh_modules]
     unexpected = [k for k in state if k not in expected]
@@ -173,6 +180,7 @@ def warm_start(
     checkpoint_dir: str | os.PathLike,
     fresh_modules: tuple[str, ...] = ("refine",),
     source_num_res_blocks: int | list[int] | None = None,
+    entry: str = "model",
 ) -> torch.nn.Module:
     """Start a new campaign from trained weights at `path` (None: from scratch), unless it is resuming.
 
@@ -180,17 +188,20 @@ def warm_start(
     campaign resumes like any other. The submodules in `fresh_modules` (a full-resolution head added to a trained
     denoiser) may be missing from the file and start from their initial values. With `source_num_res_blocks`, the
     file holds a shallower denoiser (that many residual blocks per level) and `network` starts as its exact
-    deepened copy (``scripts.lmidiffusion.networks.deepen_state_dict``).
+    deepened copy (``scripts.lmidiffusion.networks.deepen_state_dict``). `entry` picks one network of a resume state
+    that holds several (a CycleGAN stage that keeps the generators and starts new discriminators).
     """
     if path is None or checkpoints(checkpoint_dir):
         return network
     if source_num_res_blocks is not None:
-        state = deepen_state_dict(read_state_dict(path), network, source_num_res_blocks)
+        state = deepen_state_dict(read_state_dict(path, entry=entry), network, source_num_res_blocks)
         network.load_state_dict(state)
         logger.info(f"warm start from {path}, deepened from {source_num_res_blocks} residual blocks per level")
         return network
-    load_weights(network, path, fresh_modules=fresh_modules)
-    logger.info(f"warm start from {path} (parameters of {', '.join(fresh_modules) or '-'} it lacks start fresh)")
+    load_weights(network, path, fresh_modules=fresh_modules, entry=entry)
+    source = f"{path}" if entry == "model" else f"{path} ({entry})"
+    fresh = f" (parameters of {', '.join(fresh_modules)} it lacks start fresh)" if fresh_modules else ""
+    logger.info(f"warm start from {source}{fresh}")
     return network
 
 

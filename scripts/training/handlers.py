@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -134,7 +136,9 @@ class LearningRateSchedule:
     """Trainer handler: set every parameter group's learning rate from the trainer's iteration, before each step.
 
     The rate is `lr` up to iteration `decay_start`, then falls linearly to `final_lr` over `decay_steps` iterations
-    and stays there; `decay_steps` 0 keeps `lr` throughout. The rate is a function of ``engine.state.iteration``,
+    and stays there; `decay_steps` 0 keeps `lr` throughout. Each later `(iteration, rate)` of `milestones` (config
+    ``lr_milestones``) continues the schedule linearly from the point before it, so that one config holds a whole
+    campaign's schedule, the later stages included. The rate is a function of ``engine.state.iteration``,
     which the checkpoint restores, so a resumed run continues the schedule with no state of its own, and the
     configured schedule wins over the rate stored in the optimizer's checkpoint (a campaign may change it between
     runs).
@@ -147,6 +151,7 @@ class LearningRateSchedule:
         decay_start: int = 0,
         decay_steps: int = 0,
         final_lr: float | None = None,
+        milestones: Sequence[Sequence[float]] = (),
     ) -> None:
         if lr <= 0:
             raise ValueError(f"the learning rate must be positive, got {lr}.")
@@ -160,13 +165,24 @@ class LearningRateSchedule:
         self.decay_start = int(decay_start)
         self.decay_steps = int(decay_steps)
         self.final_lr = final_lr
+        decayed = final_lr if self.decay_steps else self.lr
+        self.points = [(self.decay_start, self.lr), (self.decay_start + self.decay_steps, decayed)]
+        for point in milestones or ():
+            if len(point) != 2 or not point[0] > self.points[-1][0] or not point[1] > 0:
+                raise ValueError(
+                    "lr_milestones must be [iteration, rate] pairs with positive rates, each iteration after the "
+                    f"one before (the first after lr_decay_start + lr_decay_steps = {self.points[1][0]}), got {point}."
+                )
+            self.points.append((int(point[0]), float(point[1])))
 
     def rate(self, iteration: int) -> float:
         """The learning rate of the step numbered `iteration` (1 for the first step)."""
-        if self.decay_steps == 0 or iteration <= self.decay_start:
-            return self.lr
-        progress = min(1.0, (iteration - self.decay_start) / self.decay_steps)
-        return self.lr + progress * (self.final_lr - self.lr)
+        for (start, start_lr), (end, end_lr) in itertools.pairwise(self.points):
+            if iteration <= start:
+                return start_lr
+            if iteration <= end:
+                return start_lr + (iteration - start) / (end - start) * (end_lr - start_lr)
+        return self.points[-1][1]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_STARTED, self)
