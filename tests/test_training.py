@@ -93,7 +93,7 @@ def test_learning_rate_schedule_holds_then_decays_linearly_and_overrides_every_g
     assert {i: staged.rate(i) for i in expected} == pytest.approx(expected)
     held = LearningRateSchedule(optimizer, 5e-4, milestones=[[10, 5e-4], [20, 1e-4]])
     assert [held.rate(i) for i in (1, 10, 15, 20, 99)] == pytest.approx([5e-4, 5e-4, 3e-4, 1e-4, 1e-4])
-    for bad in ([[140, 1e-5]], [[200, 1e-5], [150, 1e-5]], [[200, 0.0]], [[200]]):
+    for bad in ([[140, 1e-5]], [[200, 1e-5], [150, 1e-5]], [[200, 0.0]], [[200]], 5, [["x", 1e-5]]):
         with pytest.raises(ValueError, match="lr_milestones must be"):
             LearningRateSchedule(optimizer, 5e-4, 100, 40, 1e-4, milestones=bad)
 

@@ -167,13 +167,18 @@ class LearningRateSchedule:
         self.final_lr = final_lr
         decayed = final_lr if self.decay_steps else self.lr
         self.points = [(self.decay_start, self.lr), (self.decay_start + self.decay_steps, decayed)]
-        for point in milestones or ():
-            if len(point) != 2 or not point[0] > self.points[-1][0] or not point[1] > 0:
-                raise ValueError(
-                    "lr_milestones must be [iteration, rate] pairs with positive rates, each iteration after the "
-                    f"one before (the first after lr_decay_start + lr_decay_steps = {self.points[1][0]}), got {point}."
-                )
-            self.points.append((int(point[0]), float(point[1])))
+        rule = (
+            "lr_milestones must be [iteration, rate] pairs with positive rates, each iteration after the one before "
+            f"(the first after lr_decay_start + lr_decay_steps = {self.points[1][0]})"
+        )
+        try:
+            pairs = [(int(iteration), float(rate)) for iteration, rate in milestones or ()]
+        except (TypeError, ValueError):
+            raise ValueError(f"{rule}, got {milestones}.") from None
+        for iteration, rate in pairs:
+            if not iteration > self.points[-1][0] or not rate > 0:
+                raise ValueError(f"{rule}, got {[iteration, rate]}.")
+            self.points.append((iteration, rate))
 
     def rate(self, iteration: int) -> float:
         """The learning rate of the step numbered `iteration` (1 for the first step)."""
