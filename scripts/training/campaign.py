@@ -193,13 +193,13 @@ def warm_start(
     """
     if path is None or checkpoints(checkpoint_dir):
         return network
+    source = f"{path}" if entry == "model" else f"{path} ({entry})"
     if source_num_res_blocks is not None:
         state = deepen_state_dict(read_state_dict(path, entry=entry), network, source_num_res_blocks)
         network.load_state_dict(state)
-        logger.info(f"warm start from {path}, deepened from {source_num_res_blocks} residual blocks per level")
+        logger.info(f"warm start from {source}, deepened from {source_num_res_blocks} residual blocks per level")
         return network
     load_weights(network, path, fresh_modules=fresh_modules, entry=entry)
-    source = f"{path}" if entry == "model" else f"{path} ({entry})"
     fresh = f" (parameters of {', '.join(fresh_modules)} it lacks start fresh)" if fresh_modules else ""
     logger.info(f"warm start from {source}{fresh}")
     return network

@@ -161,12 +161,8 @@ class LearningRateSchedule:
         if not 0 < final_lr <= lr:
             raise ValueError(f"final_learning_rate must be in (0, learning_rate={lr}], got {final_lr}.")
         self.optimizer = optimizer
-        self.lr = float(lr)
-        self.decay_start = int(decay_start)
-        self.decay_steps = int(decay_steps)
-        self.final_lr = final_lr
-        decayed = final_lr if self.decay_steps else self.lr
-        self.points = [(self.decay_start, self.lr), (self.decay_start + self.decay_steps, decayed)]
+        start, end = int(decay_start), int(decay_start) + int(decay_steps)
+        self.points = [(start, float(lr)), (end, final_lr if decay_steps else float(lr))]  # (iteration, rate)
         rule = (
             "lr_milestones must be [iteration, rate] pairs with positive rates, each iteration after the one before "
             f"(the first after lr_decay_start + lr_decay_steps = {self.points[1][0]})"
