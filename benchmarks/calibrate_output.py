@@ -39,7 +39,7 @@ def shipped_sampling() -> dict:
     """The default translator's sampling settings, as configs/inference.json ships them (the calibration must see
     the same averaged, mirrored samples as a user)."""
     config = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
-    keys = ("num_steps", "eta", "guidance_scale", "guidance_every", "num_samples", "mirror_samples")
+    keys = ("num_steps", "eta", "stop_timestep", "guidance_scale", "guidance_every", "num_samples", "mirror_samples")
     return {key: config[key] for key in keys}
 
 

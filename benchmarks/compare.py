@@ -8,8 +8,12 @@ steps, seconds per slice, each learned method's training budget, the commands us
 (the default method's Dice, PSNR and SSIM on the main test block; :func:`update_metadata` also fills them from an
 existing ``results/comparison.json``).
 
-    python benchmarks/compare.py --update-docs                  # full: 40 labelmaps test slices, 20 steps
+    python benchmarks/compare.py --update-docs                  # full: 40 labelmaps test slices
     python benchmarks/compare.py --quick                        # CI smoke: the 4 shipped demo slices, 2 steps
+
+Each diffusion method samples with its own configured DDIM step count (``num_steps`` of its method config, else
+``configs/inference.json``'s, the default method's), as each was tuned on validation slices; ``--steps`` runs them
+all at one count instead.
 
 Blocks, all in one run (each one skipped with a one-line note when its data is absent):
 
@@ -62,7 +66,9 @@ METHOD_LABELS = {
     "lmi_projection": "LMIDiffusion + projection",
 }
 DEFAULT_METHODS = ["identity", "sdedit", "cyclegan", "stylegan", "lmi_paper", "lmi"]
+DIFFUSION_METHODS = ("sdedit", "lmi_paper", "lmi", "lmi_projection")  # the methods that sample with DDIM steps
 METADATA = BUNDLE_ROOT / "configs" / "metadata.json"
+INFERENCE_CONFIG = BUNDLE_ROOT / "configs" / "inference.json"  # the default method's settings
 # Wang et al., PDw -> T1w on real IXI slices at 128 x 128 (their table; not comparable to our simulated data)
 PAPER = {
     "LMIDiffusion (paper)": {"dice": 0.88, "psnr": 20.22, "ssim": 0.69},
@@ -315,23 +321,40 @@ def real_fixture_dataset(
 
 
 # ------------------------------------------------------------------------------------------------------------- running
-def network_evaluations(method: str, steps: int, sdedit_start: int, stylegan_steps: int, samples: int = 1) -> int:
+def network_evaluations(
+    method: str, steps: int, sdedit_start: int, stylegan_steps: int, samples: int = 1, stop_timestep: int = 0
+) -> int:
     if method == "identity":
         return 0
     if method == "cyclegan":
         return 1
     if method == "stylegan":
         return stylegan_steps
-    if method == "lmi":
-        return steps * samples  # `samples` translations per slice, averaged
-    if method == "sdedit":  # the DDIM schedule stretched to round(steps * T / start) steps, walked below the start
-        from monai.networks.schedulers import DDIMScheduler
+    if method not in ("lmi", "sdedit"):
+        return steps  # the other diffusion methods walk every step
+    from monai.networks.schedulers import DDIMScheduler
 
-        total = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["num_train_timesteps"]
-        scheduler = DDIMScheduler(num_train_timesteps=total)
-        scheduler.set_timesteps(round(steps * total / sdedit_start))
+    scheduler = DDIMScheduler(num_train_timesteps=json.loads(INFERENCE_CONFIG.read_text())["num_train_timesteps"])
+    if method == "sdedit":  # the DDIM schedule stretched to round(steps * T / start) steps, walked below the start
+        scheduler.set_timesteps(round(steps * scheduler.num_train_timesteps / sdedit_start))
         return int((scheduler.timesteps <= sdedit_start).sum())
-    return steps  # the other diffusion methods
+    scheduler.set_timesteps(steps)  # the default walks the steps at or above its stop (at least one) per sample
+    return max(int((scheduler.timesteps >= stop_timestep).sum()), 1) * samples
+
+
+def configured_steps(method: str) -> int:
+    """The DDIM step count `method` samples with: its method config's ``num_steps``, else the default method's."""
+    method_config = BUNDLE_ROOT / "configs" / "methods" / f"{method}.json"
+    if method_config.is_file():
+        steps = json.loads(method_config.read_text()).get("num_steps")
+        if steps is not None:
+            return int(steps)
+    return int(json.loads(INFERENCE_CONFIG.read_text())["num_steps"])
+
+
+def method_steps(method: str, args) -> int:
+    """`args.steps` when given (one count for every method), else the method's configured count."""
+    return configured_steps(method) if args.steps is None else args.steps
 
 
 def run_method(
@@ -358,7 +381,9 @@ def run_method(
         command += ["--num_slices", str(slices)]
     if source_key != "image":
         command += ["--source_key", source_key]
-    command += ["--num_steps", str(args.steps), "--num_samples", str(args.num_samples), "--seed", str(args.seed)]
+    if method in DIFFUSION_METHODS:
+        command += ["--num_steps", str(method_steps(method, args))]
+    command += ["--num_samples", str(args.num_samples), "--seed", str(args.seed)]
     command += {
         "sdedit": ["--sdedit_start", str(args.sdedit_start)],
         "stylegan": ["--stylegan_steps", str(args.stylegan_steps)],
@@ -378,7 +403,15 @@ def summarise(method: str, raw: dict, args) -> dict:
     dice = raw["dice"]
     return {
         "label": METHOD_LABELS.get(method, method),
-        "steps": network_evaluations(method, args.steps, args.sdedit_start, args.stylegan_steps, args.num_samples),
+        "ddim_steps": method_steps(method, args) if method in DIFFUSION_METHODS else None,
+        "steps": network_evaluations(
+            method,
+            method_steps(method, args),
+            args.sdedit_start,
+            args.stylegan_steps,
+            args.num_samples,
+            json.loads(INFERENCE_CONFIG.read_text())["stop_timestep"],
+        ),
         "seconds_per_slice": raw["seconds"]["mean"]["mean"],
         "dice": dice["mean"],
         "dice_per_class": {name: dice[f"class{i}"] for i, name in enumerate(CLASSES)},
@@ -525,6 +558,9 @@ def block_table(block: dict, main: bool = False) -> list[str]:
             + " |"
         )
     lines += [
+        "| DDIM steps per sample | "
+        + " | ".join("–" if rows[n].get("ddim_steps") is None else str(rows[n]["ddim_steps"]) for n in names)
+        + " |",
         "| network evaluations per slice | " + " | ".join(str(rows[n]["steps"]) for n in names) + " |",
         "| seconds per slice | " + " | ".join(f"{rows[n]['seconds_per_slice']:.2f}" for n in names) + " |",
     ]
@@ -725,10 +761,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=BUNDLE_ROOT / "data" / "labelmaps")
     parser.add_argument("--slices", type=int, default=40)
-    shipped = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())  # the shipped sampling settings
+    shipped = json.loads(INFERENCE_CONFIG.read_text())  # the shipped sampling settings
     sdedit = json.loads((BUNDLE_ROOT / "configs" / "methods" / "sdedit.json").read_text())
     stylegan = json.loads((BUNDLE_ROOT / "configs" / "methods" / "stylegan.json").read_text())
-    parser.add_argument("--steps", type=int, default=shipped["num_steps"])
+    parser.add_argument(
+        "--steps", type=int, default=None, help="DDIM steps of every diffusion method (default: each its own count)"
+    )
     parser.add_argument("--stylegan-steps", type=int, default=stylegan["stylegan_steps"])
     parser.add_argument("--sdedit-start", type=int, default=sdedit["sdedit_start"])
     parser.add_argument("--num-samples", type=int, default=shipped["num_samples"], help="samples averaged per slice")

@@ -11,7 +11,7 @@ setting with the best mean Dice (ties: SSIM) is the one to put in ``configs/infe
 (``configs/methods/sdedit.json`` for SDEdit's start).
 
     python benchmarks/tune_sampling.py [--dataset data/labelmaps] [--slices 24] [--steps 10,20,40] [--etas 0,1]
-        [--scales 0,0.05] [--every 1,2]
+        [--scales 0,0.05] [--every 1,2] [--samples 4 --mirror 1] [--stops 0,300,650]
     python benchmarks/tune_sampling.py --method sdedit --starts 300,500,700
     python benchmarks/tune_sampling.py --method lmi_projection --windows 0,3,6,12 --samples 4
 """
@@ -58,6 +58,8 @@ def evaluate(
         "--guidance_scale", str(setting["guidance_scale"]), "--guidance_every", str(setting["guidance_every"]),
         "--seed", str(seed), "--output_dir", str(work),
     ]  # fmt: skip
+    if "stop_timestep" in setting:  # else the configured one
+        command += ["--stop_timestep", str(setting["stop_timestep"])]
     if "sdedit_start" in setting:
         command += ["--sdedit_start", str(setting["sdedit_start"])]
     if setting.get("projection_window"):
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--mirror", default="0", help="comma-separated 0/1: every second sample on the mirrored source (--method lmi)"
     )
+    parser.add_argument(
+        "--stops", default="0", help="comma-separated stop timesteps: the last reverse step walked (--method lmi)"
+    )
     parser.add_argument("--starts", default="500", help="comma-separated SDEdit start timesteps (--method sdedit)")
     parser.add_argument(
         "--windows", default="12", help="comma-separated projection windows, 0 = none (--method lmi_projection)"
@@ -125,10 +130,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "guidance_every": [int(v) for v in args.every.split(",")],
         "num_samples": [int(v) for v in args.samples.split(",")],
         "mirror_samples": [int(v) for v in args.mirror.split(",")],
+        "stop_timestep": [int(v) for v in args.stops.split(",")],
     }
     if args.method == "sdedit":  # SDEdit starts from the noised source: no guidance, its own start step
         axes = {"num_steps": axes["num_steps"], "sdedit_start": [int(v) for v in args.starts.split(",")]}
         axes.update(eta=[0.0], guidance_scale=[0.0], guidance_every=[1], num_samples=[1], mirror_samples=[0])
+        axes.update(stop_timestep=[0])
     if args.method == "lmi_projection":  # the default sampler, its final x0 estimate projected
         axes["projection_window"] = [float(v) for v in args.windows.split(",")]
     grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     start = f" {'start':>5}" if "sdedit_start" in axes else f" {'n':>5}"
     start += f" {'window':>6}" if "projection_window" in axes else ""
+    start += f" {'stop':>4}"
     print(
         f"{'steps':>5} {'eta':>4} {'scale':>6} {'every':>5}{start} {'Dice':>6} {'PSNR':>6} {'SSIM':>6} {'s/slice':>7}"
     )
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             knobs += f" {row['sdedit_start']:5d}" if "sdedit_start" in row else f" {row['num_samples']:5d}"
             knobs += "m" if row.get("mirror_samples") else " "
             knobs += f" {row['projection_window']:6.1f}" if "projection_window" in row else ""
+            knobs += f" {row['stop_timestep']:4d}"
             print(f"{knobs} {cells}")
     best = max(rows, key=lambda r: (r["dice"], r["ssim"]))
     summary = {

@@ -23,6 +23,7 @@ __all__ = [
     "check_method",
     "check_num_steps",
     "check_sdedit_start",
+    "check_stop_timestep",
     "config_files",
 ]
 
@@ -76,6 +77,12 @@ def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
     """The number of reverse steps, checked before any network is built."""
     if not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be a whole number in 1-{num_train_timesteps}, got {num_steps!r}")
+
+
+def check_stop_timestep(stop_timestep: int, num_train_timesteps: int) -> None:
+    """The last reverse step walked (``stop_timestep``), checked before any network is built."""
+    if not isinstance(stop_timestep, int) or not 0 <= stop_timestep < num_train_timesteps:
+        raise ValueError(f"stop_timestep must be a timestep in 0-{num_train_timesteps - 1}, got {stop_timestep!r}")
 
 
 def check_sdedit_start(sdedit_start: int, num_train_timesteps: int) -> None:

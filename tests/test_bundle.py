@@ -152,7 +152,7 @@ def test_docs_name_every_data_source():
 
 
 SHARED_SETTINGS = [
-    "num_steps", "guidance_scale", "guidance_every", "eta", "num_samples", "image_size", "model_size",
+    "num_steps", "guidance_scale", "guidance_every", "eta", "stop_timestep", "num_samples", "image_size", "model_size",
     "prediction_type", "lmi_bins", "lmi_sigma", "network_def", "conditioner", "noise_scheduler", "sampling_scheduler",
     "translator", "paired_preprocessing", "segmenter_path", "validation_postprocessing", "validation_metrics",
 ]  # fmt: skip

@@ -15,6 +15,7 @@ import torch
 from helpers import BUNDLE_ROOT, EVALUATE, bundle_run, ended_pid, save_slice, sigterm_once_staging
 from ignite.engine import Engine
 from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.schedulers import DDIMScheduler
 from phantoms import phantom
 
 from scripts.configs import config_files
@@ -316,6 +317,41 @@ def test_sigterm_during_evaluation_publishes_nothing_and_leaves_no_staging_folde
     assert not list(output.glob(".*")) and not (output / "lmi").exists()
 
 
+def test_each_diffusion_method_samples_with_its_own_configured_steps(monkeypatch, tmp_path):
+    """The comparison runs the default at inference.json's `num_steps` and each baseline at the count in its method
+    config (their tuned settings differ); `--steps` puts every method on one count."""
+    import argparse
+    import subprocess
+
+    import compare
+
+    commands = []
+
+    def record(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(compare.subprocess, "run", record)
+    monkeypatch.setattr(compare, "read_method", lambda folder: {})
+    configs = BUNDLE_ROOT / "configs"
+    default_steps = json.loads((configs / "inference.json").read_text())["num_steps"]
+    sdedit_steps = json.loads((configs / "methods" / "sdedit.json").read_text())["num_steps"]
+    assert sdedit_steps != default_steps, "SDEdit keeps the count it was tuned with, not the default's"
+
+    def steps_passed(method: str, steps: int | None) -> int:
+        args = argparse.Namespace(
+            dataset=tmp_path, steps=steps, num_samples=4, seed=0, sdedit_start=950, stylegan_steps=200
+        )
+        compare.run_method(method, args, tmp_path / "run")
+        return int(commands[-1][commands[-1].index("--num_steps") + 1])
+
+    assert steps_passed("lmi", None) == default_steps
+    assert steps_passed("sdedit", None) == sdedit_steps
+    paper_steps = json.loads((configs / "methods" / "lmi_paper.json").read_text())["num_steps"]
+    assert steps_passed("lmi_paper", None) == paper_steps
+    assert steps_passed("sdedit", 3) == 3 and steps_passed("lmi", 3) == 3
+
+
 def test_timed_inferer_reports_seconds_per_slice():
     inferer = TimedInferer(lambda inputs, network: inputs * 2)
     engine = Engine(lambda e, batch: inferer(batch, None))
@@ -355,8 +391,13 @@ def test_quick_comparison_writes_the_table_the_json_and_the_figure(grid_dataset,
     assert "Published (Wang et al." in table and "0.88" in table
     written = json.loads((tmp_path / "comparison.json").read_text())
     assert written["num_slices"] == 4
-    samples = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())["num_samples"]
-    assert result["methods"]["identity"]["steps"] == 0 and result["methods"]["lmi"]["steps"] == 2 * samples
+    shipped = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
+    schedule = DDIMScheduler(num_train_timesteps=shipped["num_train_timesteps"])
+    schedule.set_timesteps(2)
+    walked = max(int((schedule.timesteps >= shipped["stop_timestep"]).sum()), 1)  # the steps at or above the stop
+    assert result["methods"]["identity"]["steps"] == 0
+    assert result["methods"]["lmi"]["steps"] == walked * shipped["num_samples"]
+    assert result["methods"]["lmi"]["ddim_steps"] == 2 and result["methods"]["cyclegan"]["ddim_steps"] is None
     # SDEdit's DDIM schedule is stretched to round(2 * 1000 / 900) = 2 steps, timesteps [999, 0]: one is below 900
     assert result["methods"]["sdedit"]["steps"] == 1, "the reverse steps SDEdit walks, one sample per slice"
 

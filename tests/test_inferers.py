@@ -27,7 +27,7 @@ from scripts.lmidiffusion.inferers import (
     SliceWiseInferer,
 )
 from scripts.lmidiffusion.projection import LocalConditionalMean
-from scripts.tensors import validate_source
+from scripts.tensors import from_model_space, validate_source
 from scripts.transforms import head_mask
 
 
@@ -279,6 +279,39 @@ def test_guidance_every_skips_the_gradient_on_the_other_steps(conditioner, netwo
     assert not torch.equal(result, every_step)
     with pytest.raises(ValueError, match="guidance_every"):
         make_inferer(conditioner, guidance_every=0)
+
+
+def test_stop_timestep_walks_the_steps_at_or_above_it_and_returns_the_last_estimate(conditioner, network, monkeypatch):
+    source = phantom(32, seed=2)
+    seen, estimates = [], []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, timesteps):
+            seen.append(int(timesteps[0]))
+            return network(x, timesteps=timesteps)
+
+    original = LMIGuidedInferer._guide
+
+    def keep(self, *args, **kwargs):
+        estimates.append(original(self, *args, **kwargs))
+        return estimates[-1]
+
+    monkeypatch.setattr(LMIGuidedInferer, "_guide", keep)
+    make_inferer(conditioner, steps=8, mask_background=False).sample(source, Recording())
+    walked_all, x0_all = list(seen), list(estimates)
+    assert walked_all == sorted(walked_all, reverse=True) and walked_all[-1] == 0 and len(walked_all) == 8
+    stop = walked_all[-2]  # the last step before t = 0
+    seen.clear()
+    stopped = make_inferer(conditioner, steps=8, mask_background=False, stop_timestep=stop).sample(source, Recording())
+    assert seen == walked_all[:-1], "the steps below the stop are skipped, the ones above walked as before"
+    expected = from_model_space(x0_all[-2]).clamp(0.0, 1.0)
+    assert torch.allclose(stopped, expected, atol=1e-6), "the output is the x0 estimate of the last step walked"
+    seen.clear()
+    make_inferer(conditioner, steps=8, mask_background=False, stop_timestep=999).sample(source, Recording())
+    assert seen == walked_all[:1], "a stop above the first step still walks that one"
+    for bad in (-1, 1000):
+        with pytest.raises(ValueError, match="stop_timestep must be in"):
+            make_inferer(conditioner, stop_timestep=bad)
 
 
 def test_several_samples_per_image_are_averaged_and_their_spread_kept(conditioner, network):

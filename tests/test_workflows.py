@@ -177,6 +177,7 @@ def _write(tmp_path: Path, name: str, array: np.ndarray) -> Path:
         ("negative_steps", "num_steps must be a whole number in 1-1000, got -3"),
         ("steps_past_schedule", "num_steps must be a whole number in 1-1000, got 5000"),
         ("sdedit_start_past_schedule", "sdedit_start must be a timestep in 1-999, got 5000"),
+        ("stop_past_schedule", "stop_timestep must be a timestep in 0-999, got 1000"),
         ("output_dir_is_a_file", "is a file; give a folder"),
     ],
 )
@@ -219,6 +220,7 @@ def test_inference_bad_input_gives_a_clear_error_and_no_output(tiny_model, tmp_p
         "steps_past_schedule": ["--num_steps", "5000"],
         "method_without_its_config": ["--method", "sdedit"],
         "sdedit_start_past_schedule": ["--sdedit_start", "5000"],
+        "stop_past_schedule": ["--stop_timestep", "1000"],
     }.get(case, [])
     output = tmp_path / "out"
     if case == "output_dir_is_a_file":

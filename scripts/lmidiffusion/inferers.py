@@ -66,6 +66,9 @@ class LMIGuidedInferer(DiffusionInferer):
         guidance_every: apply the LMI-gradient guidance on every this many steps (the first step included): each
             guided step costs an LMI forward and backward, about 0.7 of a network evaluation at 64 x 64.
         eta: DDIM stochasticity (0 = deterministic DDIM).
+        stop_timestep: walk only the reverse steps at or above this timestep and return the x0 estimate of the
+            last one (0 walks them all). The x0 estimate at a higher noise level is closer to the posterior mean
+            given the source, a finer step count then no longer decides how noisy the last estimate is.
         num_samples: samples per image, averaged (their standard deviation is kept in ``last_std``).
         mirror_samples: with ``num_samples`` > 1, every second sample translates the source mirrored along
             `mirror_axis` and is mirrored back before the average (test-time augmentation: the samples then differ
@@ -95,6 +98,7 @@ class LMIGuidedInferer(DiffusionInferer):
         recompute_every: int = 1,
         guidance_every: int = 1,
         eta: float = 0.0,
+        stop_timestep: int = 0,
         num_samples: int = 1,
         mirror_samples: bool = False,
         mirror_axis: int = 0,
@@ -115,6 +119,8 @@ class LMIGuidedInferer(DiffusionInferer):
             raise ValueError(f"guidance_every must be >= 1, got {guidance_every}.")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if not 0 <= stop_timestep < scheduler.num_train_timesteps:
+            raise ValueError(f"stop_timestep must be in [0, {scheduler.num_train_timesteps}), got {stop_timestep}.")
         if mirror_axis not in (0, 1):
             raise ValueError(f"mirror_axis must be a spatial axis of a 2D slice (0 or 1), got {mirror_axis}.")
         self.conditioner = conditioner
@@ -126,6 +132,7 @@ class LMIGuidedInferer(DiffusionInferer):
         self.recompute_every = int(recompute_every)
         self.guidance_every = int(guidance_every)
         self.eta = float(eta)
+        self.stop_timestep = int(stop_timestep)
         self.num_samples = int(num_samples)
         self.mirror_samples = bool(mirror_samples)
         self.mirror_axis = int(mirror_axis)
@@ -268,6 +275,8 @@ class LMIGuidedInferer(DiffusionInferer):
 
         generator = torch.Generator(device=source.device).manual_seed(self.seed)
         sample, timesteps = self.start(source, self._timesteps(), generator)
+        walked = timesteps[timesteps >= self.stop_timestep]
+        timesteps = walked if walked.numel() else timesteps[:1]  # at least the first step
         static = self.conditioner.static_maps(source, head_model)
         x0 = sample
         condition = None
