@@ -67,8 +67,8 @@ class LMIGuidedInferer(DiffusionInferer):
             guided step costs an LMI forward and backward, about 0.7 of a network evaluation at 64 x 64.
         eta: DDIM stochasticity (0 = deterministic DDIM).
         stop_timestep: walk only the reverse steps at or above this timestep and return the x0 estimate of the
-            last one (0 walks them all). The x0 estimate at a higher noise level is closer to the posterior mean
-            given the source, a finer step count then no longer decides how noisy the last estimate is.
+            last one (0 walks them all). An estimate at a higher noise level is closer to the posterior mean given
+            the source; the step count then sets how finely the way there is walked, not how noisy the output is.
         num_samples: samples per image, averaged (their standard deviation is kept in ``last_std``).
         mirror_samples: with ``num_samples`` > 1, every second sample translates the source mirrored along
             `mirror_axis` and is mirrored back before the average (test-time augmentation: the samples then differ
