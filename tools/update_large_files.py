@@ -1,6 +1,8 @@
 """Rewrite large_files.yml from the files the bundle ships in models/ (weights, resumable checkpoints, segmenter).
 
-Training prunes and renames checkpoints (``checkpoint_epoch_N.pt``), so the list is regenerated rather than edited:
+Training prunes and renames checkpoints (``checkpoint_epoch_N.pt``), so the list is regenerated rather than edited.
+A resume state over the Model Zoo's 25 MB per file is committed as ``<name>.part0``, ``.part1``, ... (``split -b 20M
+-d -a 1``; join with ``cat <name>.part* > <name>`` before resuming), and each part is listed:
 
     python tools/update_large_files.py
 """
@@ -15,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.io import write_text_atomic  # noqa: E402
-PATTERNS = ("models/*.pt", "models/*.json", "models/checkpoints*/*.pt")
+PATTERNS = ("models/*.pt", "models/*.json", "models/checkpoints*/*.pt", "models/checkpoints*/*.pt.part*")
 HEADER = """# Files the bundle ships that the Model Zoo keeps outside git. Each entry: name, path (relative to the bundle
 # root), url, hash_val (sha256 of the file), hash_type. Checked by tests/test_bundle.py. The files are committed in
 # this repository (no url needed to run); url stays empty until a release hosts them.
