@@ -100,7 +100,8 @@ def test_learning_rate_schedule_holds_then_decays_linearly_and_overrides_every_g
 
 def test_campaign_config_holds_the_schedule_every_stage_ran_with():
     """The shipped campaign's stages (docs/README.md, Training): 5e-4, linear to 5e-5 from step 19,588 over 8,000
-    steps, 5e-5 to step 45,152, then linear to 1e-5 at 51,152; resuming with the default config continues it."""
+    steps, 5e-5 to step 45,152, linear to 1e-5 at 51,152, then (the tissue-aware loss's stage) a warm restart up to
+    4e-5 at 51,800 and down to 1e-5 at 58,500; resuming with the default config continues it."""
     from helpers import composed_parser
 
     parser = composed_parser("train")
@@ -110,7 +111,8 @@ def test_campaign_config_holds_the_schedule_every_stage_ran_with():
         parser.get_parsed_content("final_learning_rate"),
         parser.get_parsed_content("lr_milestones"),
     )
-    expected = {19_588: 5e-4, 23_588: 2.75e-4, 27_588: 5e-5, 45_152: 5e-5, 48_152: 3e-5, 51_152: 1e-5, 60_000: 1e-5}
+    expected = {19_588: 5e-4, 23_588: 2.75e-4, 27_588: 5e-5, 45_152: 5e-5, 48_152: 3e-5, 51_152: 1e-5}
+    expected |= {51_800: 4e-5, 55_150: 2.5e-5, 58_500: 1e-5, 65_000: 1e-5}
     assert {i: schedule.rate(i) for i in expected} == pytest.approx(expected)
 
 

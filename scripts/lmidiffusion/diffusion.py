@@ -32,6 +32,7 @@ __all__ = [
     "LMIConditioner",
     "LMIDiffusionPrepareBatch",
     "StaticConditiond",
+    "TissueAwareLoss",
     "model_output_from_x0",
     "x0_from_model_output",
 ]
@@ -173,6 +174,9 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
     ``high_noise_fraction`` of the timesteps are drawn from ``[high_noise_start, T)`` instead of ``[0, T)``: at high
     noise the denoiser must infer tissue intensities from the LMI maps and the head mask alone, which is what a
     zero-shot translation needs most and what a short (CPU) training budget learns last.
+
+    With ``label_key``, the target's tissue label map (of the *target* image, never of a source) rides along as one
+    more target channel after the regression target, for :class:`TissueAwareLoss`; a batch without it is refused.
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
         reference_key: str = "reference",
         high_noise_fraction: float = 0.0,
         high_noise_start: int = 500,
+        label_key: str | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
         if not 0.0 <= high_noise_fraction <= 1.0:
@@ -197,6 +202,7 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
         self.reference_key = reference_key
         self.high_noise_fraction = high_noise_fraction
         self.high_noise_start = high_noise_start
+        self.label_key = label_key
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
         timesteps = super().get_timesteps(images)
@@ -228,9 +234,61 @@ class LMIDiffusionPrepareBatch(DiffusionPrepareBatch):
         noise = self.get_noise(images)
         timesteps = self.get_timesteps(images)
         target = self.get_target(images, noise, timesteps)
+        if self.label_key is not None:
+            if self.label_key not in batchdata:
+                raise ValueError(
+                    f"the tissue-aware loss needs the target's label map under '{self.label_key}', but the batch has "
+                    f"only {sorted(batchdata)}: prepare the data with label maps or set the tissue loss weight to 0."
+                )
+            labels = convert_to_tensor(batchdata[self.label_key], track_meta=False).to(device, target.dtype)
+            target = torch.cat([target, labels], dim=1)
         infer_kwargs = {"noise": noise, "timesteps": timesteps}
         for name, key in (("head", self.head_key), ("static", self.static_key), ("reference", self.reference_key)):
             if key in batchdata:
                 value = convert_to_tensor(batchdata[key], track_meta=False)
                 infer_kwargs[name] = value.to(device, non_blocking=non_blocking)
         return images, target, (), infer_kwargs
+
+
+class TissueAwareLoss(torch.nn.Module):
+    """MSE on the regression target plus a tissue term that keeps the predicted x0 on the right side of the
+    segmenter's boundaries.
+
+    MSE alone is paid by the grey/white-matter *mean*, which lies right on the K-means GM/WM boundary of the target
+    segmenter, so small errors flip tissue classes. The tissue term is the cross-entropy of
+    ``softmax(-(y - c_k)^2 / temperature)`` over the target segmenter's centres ``c_k`` (CSF, GM, WM) against the
+    target slice's own labels (1-3; 0, outside the brain, is ignored), where ``y`` is the predicted x0 in [0, 1].
+    Only target-side information is used: the training T1w, its labels and the T1w segmenter. The target is
+    ``[regression target, labels]`` along channels (:class:`LMIDiffusionPrepareBatch` with ``label_key``); the
+    prediction must be x0 ("sample" prediction type). With ``weight`` 0 it is plain MSE and reads no labels.
+    """
+
+    def __init__(self, centres: list[float], weight: float = 0.02, temperature: float = 0.01) -> None:
+        super().__init__()
+        if weight < 0 or temperature <= 0:
+            raise ValueError(f"TissueAwareLoss needs weight >= 0 and temperature > 0, got {weight} and {temperature}.")
+        centres = [float(c) for c in centres]
+        if len(centres) != 3:
+            raise ValueError(f"TissueAwareLoss needs the 3 tissue centres (CSF, GM, WM), got {centres}.")
+        self.register_buffer("centres", torch.tensor(centres).reshape(1, -1, 1, 1), persistent=False)
+        self.weight = float(weight)
+        self.temperature = float(temperature)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        channels = prediction.shape[1]
+        mse = torch.nn.functional.mse_loss(prediction, target[:, :channels])
+        if self.weight == 0:
+            return mse
+        if target.shape[1] != channels + 1:
+            raise ValueError(
+                f"TissueAwareLoss expects the target as [regression target, labels] ({channels + 1} channels), got "
+                f"{target.shape[1]}."
+            )
+        labels = target[:, channels].round().long()
+        brain = labels > 0
+        if not brain.any():
+            return mse
+        y = from_model_space(prediction[:, :1])
+        logits = -((y - self.centres.to(y)) ** 2) / self.temperature
+        cross_entropy = torch.nn.functional.cross_entropy(logits, (labels - 1).clamp_min(0), reduction="none")
+        return mse + self.weight * cross_entropy[brain].mean()

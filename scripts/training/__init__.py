@@ -21,6 +21,7 @@ from scripts.training.data import (
     SourceLeakError,
     paired_slices,
     paired_training_slices,
+    require_tissue_labels,
     slice_sibling,
     spread,
     target_only,
@@ -50,5 +51,6 @@ __all__ = [
     "spread",
     "target_only",
     "warm_start",
+    "require_tissue_labels",
     "with_tissue_labels",
 ]

@@ -88,6 +88,20 @@ def with_tissue_labels(entries: list[dict], key: str = "label") -> list[dict]:
     return labelled
 
 
+def require_tissue_labels(entries: list[dict], required: bool = True, key: str = "label") -> list[dict]:
+    """Return `entries` unchanged after checking that each has a tissue label map under `key` when `required`
+    (the tissue-aware loss reads the target's labels; a datalist without them stops training with one line)."""
+    if required:
+        for entry in entries:
+            if key not in entry:
+                raise ValueError(
+                    f"training entry {entry.get('image')!r} has no tissue label map (<stem>_dseg.nii.gz beside it), "
+                    "which the tissue-aware loss needs; prepare the data with label maps or pass "
+                    "--tissue_loss_weight 0."
+                )
+    return entries
+
+
 class SourceLeakError(ValueError):
     """A training entry points at a source-modality image: the translator must see target images only."""
 
