@@ -39,11 +39,12 @@ def _unit(array: np.ndarray) -> np.ndarray:
     return np.clip(array / max(top, 1e-8), 0.0, 1.0)
 
 
-def _save_figure(fig: plt.Figure, path: str | os.PathLike, title: str = "") -> None:
-    """Title, lay out and write `fig` as a PNG through a temporary file renamed into place, then close it."""
+def _save_figure(fig: plt.Figure, path: str | os.PathLike, title: str = "", bottom: float = 0.0) -> None:
+    """Title, lay out (keeping the lowest `bottom` fraction free, e.g. for a figure legend) and write `fig` as a PNG
+    through a temporary file renamed into place, then close it."""
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, bottom, 1.0, 1.0))
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png", dpi=110)
@@ -155,8 +156,6 @@ def save_training_curve(
             ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
         for number, (step, label) in enumerate(sorted((markers or {}).items())):
             ax.axvline(step, color=f"C{number + 1}", linestyle=":", linewidth=1.0, label=label)
-        if markers:
-            ax.legend(fontsize=6, loc="lower right")
         ax.set_xlabel("optimizer steps")
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
@@ -167,4 +166,10 @@ def save_training_curve(
         ticks = MaxNLocator(6).tick_values(hours.min(), hours.max())
         top.set_xticks(ticks[(ticks >= hours.min()) & (ticks <= hours.max())])
         top.set_xlabel("wall-clock hours", fontsize=8)
-    _save_figure(fig, path, title)
+    bottom = 0.0
+    if markers:  # one legend under the panels, where it cannot hide the curves
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        columns = min(len(labels), 3)
+        fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=7, frameon=False)
+        bottom = 0.02 + 0.045 * -(-len(labels) // columns)
+    _save_figure(fig, path, title, bottom=bottom)

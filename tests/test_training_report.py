@@ -51,7 +51,7 @@ def test_report_marks_recipe_changes_and_refuses_a_malformed_marker(tmp_path):
 def test_curve_labels_only_the_hours_the_log_covers(tmp_path, monkeypatch):
     """A resumed campaign's log starts hours in: the top axis must not stack ticks for hours before its first row."""
     figures = []
-    monkeypatch.setattr(visualize, "_save_figure", lambda fig, path, title="": figures.append(fig))
+    monkeypatch.setattr(visualize, "_save_figure", lambda fig, path, title="", bottom=0.0: figures.append(fig))
     rows = [
         {"iteration": step, "wall_s": 1440.0 + 1.6 * step, "val_dice": 0.3 + step * 1e-5} for step in (330, 2000, 8250)
     ]
@@ -61,3 +61,22 @@ def test_curve_labels_only_the_hours_the_log_covers(tmp_path, monkeypatch):
     first, last = rows[0]["wall_s"] / 3600, rows[-1]["wall_s"] / 3600
     assert len(ticks) >= 2 and all(first <= t <= last for t in ticks), ticks
     plt.close(figures[0])
+
+
+def test_the_marker_legend_sits_under_the_panels_without_covering_them(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(
+        visualize, "_save_figure", lambda fig, path, title="", bottom=0.0: figures.append((fig, bottom))
+    )
+    rows = [{"iteration": step, "wall_s": 2.0 * step, "val_dice": 0.3 + step * 1e-5} for step in (330, 2000, 8250)]
+    markers = {500: "decay starts", 4000: "tissue loss", 6000: "rate at 1e-5", 7000: "fourth"}
+    visualize.save_training_curve(rows, tmp_path / "curve.png", metrics=("val_dice", "val_ssim"), markers=markers)
+    fig, bottom = figures[0]
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == list(markers.values())
+    assert all(ax.get_legend() is None for ax in fig.axes), "no legend inside a panel"
+    fig.tight_layout(rect=(0.0, bottom, 1.0, 1.0))  # what _save_figure does
+    renderer = fig.canvas.get_renderer()
+    legend_top = fig.legends[0].get_window_extent(renderer).y1
+    panels_bottom = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+    assert legend_top <= panels_bottom, (legend_top, panels_bottom)
+    plt.close(fig)
