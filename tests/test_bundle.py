@@ -104,7 +104,8 @@ COMPOSED = (
     + [("evaluate", method) for method in available_methods(BUNDLE_ROOT)]
     + [("inference", method) for method in available_methods(BUNDLE_ROOT)]
 )
-STANDALONE = {"prepare.json": [], "prepare_second_physics.json": ["prepare.json"], "fit_segmenter.json": [],
+STANDALONE = {"prepare.json": [], "prepare_second_physics.json": ["prepare.json"],
+              "prepare_validation.json": ["prepare.json"], "fit_segmenter.json": [],
               "make_demo.json": [], "metadata.json": []}  # fmt: skip
 
 

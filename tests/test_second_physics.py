@@ -213,3 +213,20 @@ def test_second_physics_set_evaluates_with_the_default_translator(physics2_datas
         metrics = dict(line.strip().split(",") for line in handle if line.strip())
     assert 0.0 < float(metrics["ssim"]) <= 1.0 and float(metrics["psnr"]) > 5.0
     assert 0.0 <= float(metrics["dice"]) <= 1.0 and float(metrics["oracle_dice"]) > 0.2
+
+
+@pytest.mark.parametrize("physics", [(), (OVERRIDE,)], ids=["physics1", "physics2"])
+def test_validation_overlay_re_simulates_training_subjects_beside_each_test_set(physics):
+    """``configs/prepare_validation.json`` (composed last) writes a paired set of *training* subjects (never 13-16)
+    with fresh noise into its own folder, for choosing settings on either physics without touching a test subject."""
+    parser = _parser(DEFAULT_CONFIG, *physics, "configs/prepare_validation.json")
+    parser["source"] = "labelmaps"
+    training = _parser(DEFAULT_CONFIG)["labelmaps"]["training"]
+    testing = parser.get_parsed_content("labelmaps#testing")
+    assert testing and set(testing) <= set(training), "validation subjects are training subjects"
+    assert parser.get_parsed_content("labelmaps#training") == []
+    folder = "labelmaps_physics2" if physics else "labelmaps"
+    assert parser.get_parsed_content("dataset_dir") == str(BUNDLE_ROOT / "data" / f"{folder}_validation")
+    assert parser.get_parsed_content("preparer").name == f"brain_mri_zero_shot_translation-{folder}_validation"
+    assert parser.get_parsed_content("seed") == 2, "fresh noise: not the seed the training images were made with"
+    assert parser.get_parsed_content("simulator").field_strength == (3.0 if physics else 1.5)
