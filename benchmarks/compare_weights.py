@@ -69,16 +69,19 @@ def main(argv: list[str] | None = None) -> dict:
             for dataset in datasets:
                 for key in args.source_keys.split(","):
                     folder = Path(work) / f"{label}-{dataset.name}-{key}"
-                    extra = ("--source_key", key, "--output_gamma", str(setting["output_gamma"]))
-                    scores = evaluate("lmi", model, dataset, args.slices, setting, args.seed, folder, extra)
+                    means = evaluate(
+                        "lmi", model, dataset, args.slices, setting, args.seed, folder, ("--source_key", key)
+                    )
                     row = {"model": label, "dataset": dataset.name, "source_key": key}
-                    row |= {name: scores[name] for name in ("dice", "psnr", "ssim", "seconds")}
+                    row |= {name: means[name] for name in ("dice", "psnr", "ssim", "seconds")}
                     rows.append(row)
-                    scores = f"{row['dice']:6.3f} {row['psnr']:6.2f} {row['ssim']:6.3f}"
-                    print(f"{label:>12} {dataset.name:>32} {key:>6} {scores}")
+                    cells = " ".join(
+                        f"{row[name]:6.{digits}f}" for name, digits in (("dice", 3), ("psnr", 2), ("ssim", 3))
+                    )
+                    print(f"{label:>12} {dataset.name:>32} {key:>6} {cells}")
     runs = len(rows) // len(args.model)
-    means = {label: round(sum(r["dice"] for r in rows if r["model"] == label) / runs, 4) for label, _ in args.model}
-    for label, mean in means.items():
+    mean_dice = {label: round(sum(r["dice"] for r in rows if r["model"] == label) / runs, 4) for label, _ in args.model}
+    for label, mean in mean_dice.items():
         print(f"{label}: mean Dice {mean:.4f} over {len(datasets)} sets x {len(args.source_keys.split(','))} sources")
     summary = {
         "benchmark": "trained weights of the default translator on the validation sets of both physics",
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "sampling": setting,
         "rows": rows,
-        "mean_dice": means,
+        "mean_dice": mean_dice,
         "command": "python benchmarks/compare_weights.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     output = BUNDLE_ROOT / "benchmarks" / "results" / f"{args.name}.json"

@@ -46,11 +46,11 @@ __all__ = [
     "load_weights",
     "paired_slices",
     "paired_training_slices",
+    "require_tissue_labels",
     "resume_handlers",
     "slice_sibling",
     "spread",
     "target_only",
     "warm_start",
-    "require_tissue_labels",
     "with_tissue_labels",
 ]
