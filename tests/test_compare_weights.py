@@ -34,3 +34,17 @@ def test_sampling_is_the_shipped_one():
     setting = compare_weights.shipped_sampling()
     assert setting == {key: shipped[key] for key in compare_weights.SHIPPED_KEYS}
     assert "output_gamma" in setting, "the calibration is part of what a user gets"
+
+
+def test_means_by_dataset_average_the_source_keys_of_each_model_and_set():
+    rows = [
+        {"model": "a", "dataset": "v", "source_key": "image", "dice": 0.8, "psnr": 24.0, "ssim": 0.86},
+        {"model": "a", "dataset": "v", "source_key": "t2", "dice": 0.7, "psnr": 20.0, "ssim": 0.80},
+        {"model": "a", "dataset": "mni", "source_key": "image", "dice": 0.5, "psnr": 18.0, "ssim": 0.70},
+        {"model": "b", "dataset": "v", "source_key": "image", "dice": 0.6, "psnr": 22.0, "ssim": 0.84},
+    ]
+    means = compare_weights.means_by_dataset(rows)
+    assert means == {
+        "a": {"v": {"dice": 0.75, "psnr": 22.0, "ssim": 0.83}, "mni": {"dice": 0.5, "psnr": 18.0, "ssim": 0.7}},
+        "b": {"v": {"dice": 0.6, "psnr": 22.0, "ssim": 0.84}},
+    }
