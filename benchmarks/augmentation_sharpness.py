@@ -46,14 +46,15 @@ def configured_spatial(train_config: Path) -> tuple[str, dict]:
     """Name and arguments of the geometric transform (one of ``SPATIAL_TRANSFORMS``) of `train_config`'s
     training augmentation."""
     transforms = ConfigParser.load_config_file(train_config)["train"]["augmentation"]["transforms"]
-    found = [t for t in transforms if str(t.get("_target_", "")).split(".")[-1] in SPATIAL_TRANSFORMS]
+    named = [(str(t.get("_target_", "")).split(".")[-1], t) for t in transforms]
+    found = [(name, t) for name, t in named if name in SPATIAL_TRANSFORMS]
     if len(found) != 1:
         raise SystemExit(
             f"error: {train_config}: expected one of {sorted(SPATIAL_TRANSFORMS)} in train#augmentation, "
             f"found {len(found)}"
         )
-    name = str(found[0]["_target_"]).split(".")[-1]
-    return name, {k: v for k, v in found[0].items() if k not in ("_target_", "keys", "allow_missing_keys")}
+    name, transform = found[0]
+    return name, {k: v for k, v in transform.items() if k not in ("_target_", "keys", "allow_missing_keys")}
 
 
 def main(argv: list[str] | None = None) -> dict:

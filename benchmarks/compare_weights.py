@@ -97,14 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"model": label, "dataset": dataset.name, "source_key": key}
             row |= {name: means[name] for name in ("dice", "psnr", "ssim", "seconds")}
             cells = " ".join(f"{row[name]:6.{digits}f}" for name, digits in (("dice", 3), ("psnr", 2), ("ssim", 3)))
-            print(f"{label:>12} {dataset.name:>32} {key:>6} {cells}", flush=True)
+            sys.stdout.write(f"{label:>12} {dataset.name:>32} {key:>6} {cells}\n")  # one write: jobs print at once
+            sys.stdout.flush()
             return row
 
-        rows = list(pool.map(lambda job: run(*job), runs))  # in the order of `runs`, whatever finishes first
-    per_model = len(rows) // len(args.model)
-    mean_dice = {
-        label: round(sum(r["dice"] for r in rows if r["model"] == label) / per_model, 4) for label, _ in args.model
-    }
+        rows = list(pool.map(run, *zip(*runs, strict=True)))  # in the order of `runs`, whatever finishes first
+    mean_dice = {label: round(fmean(r["dice"] for r in rows if r["model"] == label), 4) for label, _ in args.model}
     for label, mean in mean_dice.items():
         print(f"{label}: mean Dice {mean:.4f} over {len(datasets)} sets x {len(args.source_keys.split(','))} sources")
     mean_by_dataset = means_by_dataset(rows)

@@ -48,3 +48,33 @@ def test_means_by_dataset_average_the_source_keys_of_each_model_and_set():
         "a": {"v": {"dice": 0.75, "psnr": 22.0, "ssim": 0.83}, "mni": {"dice": 0.5, "psnr": 18.0, "ssim": 0.7}},
         "b": {"v": {"dice": 0.6, "psnr": 22.0, "ssim": 0.84}},
     }
+
+
+def test_parallel_jobs_keep_the_rows_in_model_set_source_order(tmp_path, monkeypatch):
+    """--jobs 2 on a stubbed evaluation: rows in the order of the command line, means over each model's rows."""
+    dataset = tmp_path / "set"
+    dataset.mkdir()
+    (dataset / "datalist.json").write_text(json.dumps({"description": "stub set"}))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+
+    def stub(method, model, data, slices, setting, seed, folder, extra):
+        dice = {"image": 0.5, "t2": 0.7}[extra[1]] + (0.1 if folder.name.startswith("b-") else 0.0)
+        return {"dice": dice, "psnr": 20.0, "ssim": 0.8, "seconds": 0.1}
+
+    monkeypatch.setattr(compare_weights, "evaluate", stub)
+    monkeypatch.setattr(compare_weights, "shipped_sampling", lambda setting=compare_weights.shipped_sampling(): setting)
+    monkeypatch.setattr(compare_weights, "BUNDLE_ROOT", tmp_path)  # the JSON goes under tmp_path
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    summary = compare_weights.main(
+        ["--model", f"a={weights}", "--model", f"b={weights}", "--datasets", str(dataset), "--jobs", "2"]
+    )
+    assert [(r["model"], r["source_key"]) for r in summary["rows"]] == [
+        ("a", "image"),
+        ("a", "t2"),
+        ("b", "image"),
+        ("b", "t2"),
+    ]
+    assert summary["mean_dice"] == {"a": 0.6, "b": 0.7}
+    assert summary["datasets"] == {"set": "stub set"}
+    assert json.loads((tmp_path / "benchmarks" / "results" / "weights_validation.json").read_text()) == summary
