@@ -62,8 +62,9 @@ def test_parallel_jobs_keep_the_rows_in_model_set_source_order(tmp_path, monkeyp
         dice = {"image": 0.5, "t2": 0.7}[extra[1]] + (0.1 if folder.name.startswith("b-") else 0.0)
         return {"dice": dice, "psnr": 20.0, "ssim": 0.8, "seconds": 0.1}
 
+    shipped = compare_weights.shipped_sampling()  # read before BUNDLE_ROOT moves to tmp_path
     monkeypatch.setattr(compare_weights, "evaluate", stub)
-    monkeypatch.setattr(compare_weights, "shipped_sampling", lambda setting=compare_weights.shipped_sampling(): setting)
+    monkeypatch.setattr(compare_weights, "shipped_sampling", lambda: shipped)
     monkeypatch.setattr(compare_weights, "BUNDLE_ROOT", tmp_path)  # the JSON goes under tmp_path
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     summary = compare_weights.main(
