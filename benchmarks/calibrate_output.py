@@ -35,20 +35,12 @@ import numpy as np
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from tune_sampling import evaluate, validation_workspace  # noqa: E402  (benchmarks/, beside this script)
+from tune_sampling import evaluate, shipped_sampling, validation_workspace  # noqa: E402  (benchmarks/, beside this script)
 
 from scripts.evaluation import KMeansTissueSegmenter, tissue_dice  # noqa: E402
 from scripts.io import write_text_atomic  # noqa: E402
 from scripts.training import slice_sibling  # noqa: E402
 from scripts.transforms import robust_scale  # noqa: E402  (the scaling every consumer of a translation applies)
-
-
-def shipped_sampling() -> dict:
-    """The default translator's sampling settings, as configs/inference.json ships them (the calibration must see
-    the same averaged, mirrored samples as a user)."""
-    config = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
-    keys = ("num_steps", "eta", "stop_timestep", "guidance_scale", "guidance_every", "num_samples", "mirror_samples")
-    return {key: config[key] for key in keys}
 
 
 def fit_gamma(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gammas: np.ndarray) -> tuple[float, list]:

@@ -26,11 +26,9 @@ from statistics import fmean
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE_ROOT))
 
-from tune_sampling import evaluate  # noqa: E402  (benchmarks/, beside this script)
+from tune_sampling import evaluate, shipped_sampling  # noqa: E402  (benchmarks/, beside this script)
 
 from scripts.io import write_text_atomic  # noqa: E402
-
-SHIPPED_KEYS = ("num_steps", "eta", "num_samples", "mirror_samples", "guidance_scale", "guidance_every", "output_gamma")
 
 
 def labelled_model(text: str) -> tuple[str, Path]:
@@ -52,12 +50,6 @@ def means_by_dataset(rows: list[dict]) -> dict:
             name: round(fmean(row[name] for row in chosen), 4) for name in ("dice", "psnr", "ssim")
         }
     return means
-
-
-def shipped_sampling() -> dict:
-    """The default translator's sampling settings and calibration as ``configs/inference.json`` ships them."""
-    config = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
-    return {key: config[key] for key in SHIPPED_KEYS}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,6 +36,19 @@ from scripts.configs import config_files  # noqa: E402
 from scripts.io import write_text_atomic  # noqa: E402
 from scripts.training import paired_training_slices  # noqa: E402
 
+# the default translator's sampling settings and calibration in configs/inference.json; `evaluate` passes the
+# sampling ones, the workflow reads `output_gamma` from the config (benchmarks that fit it override it)
+SHIPPED_KEYS = (
+    "num_steps", "eta", "stop_timestep", "guidance_scale", "guidance_every", "num_samples", "mirror_samples",
+    "output_gamma",
+)  # fmt: skip
+
+
+def shipped_sampling() -> dict:
+    """The default translator's settings as ``configs/inference.json`` ships them (``SHIPPED_KEYS``)."""
+    config = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
+    return {key: config[key] for key in SHIPPED_KEYS}
+
 
 def read_mean(folder: Path, metric: str) -> float:
     with open(folder / f"{metric}_summary.csv") as handle:

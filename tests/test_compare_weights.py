@@ -6,6 +6,7 @@ import json
 
 import compare_weights  # benchmarks/, on sys.path through conftest.py
 import pytest
+import tune_sampling
 from helpers import BUNDLE_ROOT
 
 
@@ -32,7 +33,7 @@ def test_a_missing_validation_set_stops_in_one_line(tmp_path):
 def test_sampling_is_the_shipped_one():
     shipped = json.loads((BUNDLE_ROOT / "configs" / "inference.json").read_text())
     setting = compare_weights.shipped_sampling()
-    assert setting == {key: shipped[key] for key in compare_weights.SHIPPED_KEYS}
+    assert setting == {key: shipped[key] for key in tune_sampling.SHIPPED_KEYS}
     assert "output_gamma" in setting, "the calibration is part of what a user gets"
 
 

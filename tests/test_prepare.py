@@ -138,6 +138,81 @@ def test_labelmap_affines_match_volume(tmp_path, labelmap_dir):
     assert len(agree) >= 3 and np.mean(agree) > 0.85
 
 
+@pytest.mark.parametrize("plane, source_axis", [("coronal", 2), ("sagittal", 0)])
+def test_labelmap_training_planes(tmp_path, labelmap_dir, plane, source_axis):
+    """`training_planes` cuts the training subjects along other planes too, as pseudo-subjects; each slice is the
+    plane it claims (constant along the source's axis normal to it; LIA: A is array axis 2, L axis 0), its labels
+    agree with the source's, and the test subjects stay axial."""
+    source = LabelMapSource(
+        directory=str(labelmap_dir), training=["01"], testing=["03"], training_planes=["axial", plane]
+    )
+    assert source.subjects() == {"training": ["sub-01", f"sub-01-{plane}"], "testing": ["sub-03"]}
+    out = DatasetPreparer(source, tmp_path / "ds", **{**TINY, "max_slices_per_subject": None}).run()
+    dl = json.loads((out / "datalist.json").read_text())
+    assert {e["subject"] for e in dl["training"]} == {"sub-01", f"sub-01-{plane}"}
+    assert {e["subject"] for e in dl["testing"]} == {"sub-03"}
+    src = nib.load(labelmap_dir / "seg_01.nii.gz")
+    src_lab = np.asarray(src.dataobj)
+    classes = np.select([np.isin(src_lab, [24, 4]), np.isin(src_lab, [3, 10]), src_lab == 2], [1, 2, 3], 0)
+    inv = np.linalg.inv(src.affine)
+    planar = [e for e in dl["training"] if e["subject"] == f"sub-01-{plane}"]
+    agree = []
+    for e in planar:
+        label_path = out / e["image"].replace("_T1w.nii.gz", "_dseg.nii.gz")
+        img = nib.load(label_path)
+        lab = np.asarray(img.dataobj)
+        ij = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1).reshape(-1, 2)
+        vox = np.rint(inv @ img.affine @ np.c_[ij, np.zeros(len(ij)), np.ones(len(ij))].T)[:3].astype(int)
+        assert np.all(vox[source_axis] == e["slice"])
+        inside = np.all((vox >= 0) & (vox < np.array(src_lab.shape)[:, None]), axis=0)
+        agree.append(np.mean(lab.reshape(-1)[inside] == classes[tuple(vox[:, inside])]))
+    assert len(planar) >= 3 and np.mean(agree) > 0.85
+
+
+def test_labelmap_training_tilts(tmp_path, labelmap_dir):
+    """`training_tilts_deg` adds axial cuts of the rotated head: oblique planes of the source (its axial axis, LIA
+    array axis 1, varies across each slice) whose labels still agree with the source's at every world position."""
+    source = LabelMapSource(directory=str(labelmap_dir), training=["01"], testing=[], training_tilts_deg=[[20, 0]])
+    assert source.subjects() == {"training": ["sub-01", "sub-01-tilt1"], "testing": []}
+    out = DatasetPreparer(source, tmp_path / "ds", **{**TINY, "max_slices_per_subject": None}).run()
+    dl = json.loads((out / "datalist.json").read_text())
+    src = nib.load(labelmap_dir / "seg_01.nii.gz")
+    src_lab = np.asarray(src.dataobj)
+    classes = np.select([np.isin(src_lab, [24, 4]), np.isin(src_lab, [3, 10]), src_lab == 2], [1, 2, 3], 0)
+    inv = np.linalg.inv(src.affine)
+    tilted = [e for e in dl["training"] if e["subject"] == "sub-01-tilt1"]
+    agree = []
+    for e in tilted:
+        img = nib.load(out / e["image"].replace("_T1w.nii.gz", "_dseg.nii.gz"))
+        lab = np.asarray(img.dataobj)
+        ij = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1).reshape(-1, 2)
+        vox = (inv @ img.affine @ np.c_[ij, np.zeros(len(ij)), np.ones(len(ij))].T)[:3]
+        axial = vox[1].reshape(32, 32)
+        assert np.ptp(axial[16, :]) > 8  # oblique: the source's axial position changes from back to front...
+        assert np.ptp(axial[:, 16]) < 1e-6  # ... not from left to right (a pitch is about the left-right axis)
+        vox = np.rint(vox).astype(int)
+        inside = np.all((vox >= 0) & (vox < np.array(src_lab.shape)[:, None]), axis=0)
+        agree.append(np.mean(lab.reshape(-1)[inside] == classes[tuple(vox[:, inside])]))
+    assert len(tilted) >= 3 and np.mean(agree) > 0.85
+
+
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ({"training_planes": ["axial", "oblique"]}, "training_planes"),
+        ({"training_planes": []}, "training_planes"),
+        ({"training_planes": ["axial", "axial"]}, "training_planes"),
+        ({"training_tilts_deg": [[20]]}, "training_tilts_deg .*pitch, roll"),
+        ({"training_tilts_deg": [["a", 1]]}, "training_tilts_deg .*pitch, roll"),
+        ({"training_tilts_deg": [[60, 0]]}, "training_tilts_deg .*at most 45"),
+    ],
+)
+def test_labelmap_bad_training_variants(labelmap_dir, option, match):
+    with pytest.raises(DataPreparationError, match=match) as err:
+        LabelMapSource(directory=str(labelmap_dir), training=["01"], testing=["03"], **option)
+    assert "\n" not in str(err.value)
+
+
 def test_determinism_and_seeds(tmp_path):
     a = _mni(tmp_path / "a", seed=3)
     b = _mni(tmp_path / "b", seed=3)

@@ -3,7 +3,8 @@
 Every written slice is an axial plane of its source volume, resampled in-plane onto ``SliceGrid`` (square pixels
 centred on the brain) with a 4x4 affine mapping pixel (i, j, 0) to the world (RAS mm) position of that point, so
 the slices of all sources share one convention: array axis 0 runs from the subject's left to right (R), axis 1 from
-posterior to anterior (A).
+posterior to anterior (A). A training source may also cut coronal or sagittal planes (``to_canonical(plane=...)``):
+more distinct 2D anatomy from the same heads; their in-plane axes are (R, S) and (A, S).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ if TYPE_CHECKING:
     from scripts.prepare.preparer import DatasetPreparer
 
 __all__ = [
+    "PLANE_AXES",
     "Canonical",
     "SliceGrid",
     "plan_slices",
     "sample_slices",
     "select_slices",
+    "tilt",
     "to_canonical",
     "voxel_to_world",
     "world_to_voxel",
@@ -45,12 +48,42 @@ class Canonical:
         return self.axial_length - 1 - int(k) if self.axial_flipped else int(k)
 
 
-def to_canonical(data: np.ndarray, affine: np.ndarray) -> Canonical:
-    """Permute/flip the array to RAS+ axis order (no resampling); the affine follows exactly."""
+# slicing plane -> order of the RAS axes in the returned array: the plane's normal comes last (axis 2)
+PLANE_AXES: dict[str, tuple[int, int, int]] = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
+
+
+def tilt(canon: Canonical, pitch_deg: float, roll_deg: float, centre_vox: Sequence[float]) -> Canonical:
+    """``canon`` rotated by ``pitch_deg`` about axis 0 and ``roll_deg`` about axis 1 (degrees in world space, so
+    anisotropic voxels are fine) around the voxel ``centre_vox``: its slices along axis 2 are oblique planes of the
+    original volume. Nearest neighbour, so label volumes stay labels; the affine follows, so every voxel keeps its
+    exact world position. Slice indices of the result no longer name planes of the original array."""
+    a, b = np.deg2rad([float(pitch_deg), float(roll_deg)])
+    about_0 = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    about_1 = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    scale = np.linalg.norm(canon.affine[:3, :3], axis=0)
+    rotation = (about_0 @ about_1) * scale[None, :] / scale[:, None]  # in voxels: S^-1 R S
+    centre = np.asarray(centre_vox, dtype=np.float64)
+    offset = centre - rotation @ centre
+    data = ndi.affine_transform(canon.data, rotation, offset=offset, order=0, mode="constant", cval=0)
+    to_source = np.eye(4)
+    to_source[:3, :3], to_source[:3, 3] = rotation, offset
+    return Canonical(data, canon.affine @ to_source, canon.axial_axis, canon.axial_flipped, canon.axial_length)
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray, plane: str = "axial") -> Canonical:
+    """Permute/flip the array to RAS+ axis order (no resampling); the affine follows exactly.
+
+    ``plane`` other than "axial" permutes the RAS axes so that this plane's normal becomes axis 2 (the axis the
+    slices are cut along): coronal -> (R, S, A), sagittal -> (A, S, R).
+    """
+    if plane not in PLANE_AXES:
+        raise ValueError(f"slicing plane '{plane}': choose one of {', '.join(PLANE_AXES)}")
+    order = PLANE_AXES[plane]
     ornt = nib.orientations.io_orientation(affine)
-    data_c = nib.orientations.apply_orientation(data, ornt)
+    data_c = np.transpose(nib.orientations.apply_orientation(data, ornt), order)
     affine_c = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
-    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    affine_c[:, :3] = affine_c[:, list(order)]
+    axis = int(np.flatnonzero(ornt[:, 0] == order[2])[0])
     return Canonical(np.ascontiguousarray(data_c), affine_c, axis, bool(ornt[axis, 1] < 0), int(data.shape[axis]))
 
 

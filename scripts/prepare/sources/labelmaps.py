@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 
 from scripts.io import is_nifti, nifti_stem
 from scripts.prepare.errors import DataPreparationError, InputNotFoundError
-from scripts.prepare.geometry import plan_slices, sample_slices, to_canonical, voxel_to_world
+from scripts.prepare.geometry import PLANE_AXES, plan_slices, sample_slices, tilt, to_canonical, voxel_to_world
 from scripts.prepare.simulation import CONTRASTS, eval_smooth, smooth_random_field
 from scripts.prepare.sources.base import Source, SubjectSlices, check_dir, finish_simulated, load_volume
 
@@ -81,6 +81,12 @@ class LabelMapSource(Source):
     directory (text, licence) are ignored, unless their name carries a listed subject id without being NIfTI.
     Label maps must be 3D with integer labels of ``FREESURFER_LABELS`` (plus ``extra_labels``:
     {label: [tissue, class]}); the axial axis is found from the affine.
+
+    ``training_planes`` (default axial only) also cuts the training subjects along other planes ("coronal",
+    "sagittal"): each extra plane adds a pseudo-subject ``sub-<id>-<plane>`` per training subject, i.e. more distinct
+    2D anatomy from the same few heads. ``training_tilts_deg`` ([[pitch, roll], ...] in degrees) likewise adds
+    ``sub-<id>-tilt<i>``: axial cuts of the head rotated about its brain's centre, oblique planes that still look
+    axial. Test subjects are always cut axially.
     """
 
     name = "labelmaps"
@@ -93,8 +99,24 @@ class LabelMapSource(Source):
         extra_labels: Mapping | None = None,
         skull_table_mm: float = 1.5,
         fat_fraction: Sequence[float] = (0.15, 0.6),
+        training_planes: Sequence[str] = ("axial",),
+        training_tilts_deg: Sequence[Sequence[float]] = (),
     ):
         self.directory = check_dir(directory, "label map directory")
+        self.training_planes = [str(p) for p in training_planes]
+        unknown = [p for p in self.training_planes if p not in PLANE_AXES]
+        if unknown or not self.training_planes or len(set(self.training_planes)) < len(self.training_planes):
+            raise DataPreparationError(
+                f"labelmaps training_planes {self.training_planes}: give distinct planes of {', '.join(PLANE_AXES)}"
+            )
+        try:
+            self.training_tilts = [(float(pitch), float(roll)) for pitch, roll in training_tilts_deg]
+        except (TypeError, ValueError):
+            raise DataPreparationError(
+                f"labelmaps training_tilts_deg {training_tilts_deg}: give [pitch, roll] pairs in degrees"
+            ) from None
+        if any(max(abs(pitch), abs(roll)) > 45 for pitch, roll in self.training_tilts):
+            raise DataPreparationError(f"labelmaps training_tilts_deg {self.training_tilts}: at most 45 degrees")
         self.labels = dict(FREESURFER_LABELS)
         for k, v in dict(extra_labels or {}).items():
             self.labels[int(k)] = (str(v[0]), int(v[1]))
@@ -142,8 +164,15 @@ class LabelMapSource(Source):
             )
         raise InputNotFoundError(f"label map directory {self.directory}: no label map for subject '{key}'")
 
+    def _variants(self) -> dict[str, tuple[str, tuple[float, float] | None]]:
+        """Subject-id suffix -> (plane, tilt) of every way a training subject is cut ("" is the plain axial cut)."""
+        variants = {("" if p == "axial" else f"-{p}"): (p, None) for p in self.training_planes}
+        variants.update({f"-tilt{i}": ("axial", t) for i, t in enumerate(self.training_tilts, start=1)})
+        return variants
+
     def subjects(self) -> dict[str, list[str]]:
-        return {split: [f"sub-{k}" for k in keys] for split, keys in self.split.items()}
+        training = [f"sub-{k}{suffix}" for suffix in self._variants() for k in self.split["training"]]
+        return {"training": training, "testing": [f"sub-{k}" for k in self.split["testing"]]}
 
     def _lookup(self, data: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Tissue index and class volumes (uint8) from the labels; unknown labels are an error."""
@@ -176,13 +205,21 @@ class LabelMapSource(Source):
         return t_lut[data], c_lut[data], tissue_names
 
     def prepare(self, subject: str, preparer: DatasetPreparer) -> SubjectSlices:
-        key = subject[len("sub-") :]
+        key, plane, tilted = subject[len("sub-") :], "axial", None
+        for suffix, (variant_plane, variant_tilt) in self._variants().items():
+            if suffix and key.endswith(suffix) and key not in self.files:
+                key, plane, tilted = key[: -len(suffix)], variant_plane, variant_tilt
         path = self._file(key)
         data, affine = load_volume(path, "label map")
         tissue, classes, names = self._lookup(data, path)
         del data
-        canon_t = to_canonical(tissue, affine)
-        canon_c = to_canonical(classes, affine)
+        canon_t = to_canonical(tissue, affine, plane)
+        canon_c = to_canonical(classes, affine, plane)
+        if tilted is not None:
+            brain_voxels = np.argwhere(canon_c.data > 0)
+            centre = (brain_voxels.min(0) + brain_voxels.max(0)) / 2.0 if len(brain_voxels) else None
+            if centre is not None:
+                canon_t, canon_c = (tilt(c, *tilted, centre) for c in (canon_t, canon_c))
         tissue, classes, aff = canon_t.data, canon_c.data, canon_t.affine
         brain = classes > 0
         if not brain.any():
