@@ -3,8 +3,9 @@
 Every written slice is an axial plane of its source volume, resampled in-plane onto ``SliceGrid`` (square pixels
 centred on the brain) with a 4x4 affine mapping pixel (i, j, 0) to the world (RAS mm) position of that point, so
 the slices of all sources share one convention: array axis 0 runs from the subject's left to right (R), axis 1 from
-posterior to anterior (A). A training source may also cut coronal or sagittal planes (``to_canonical(plane=...)``):
-more distinct 2D anatomy from the same heads; their in-plane axes are (R, S) and (A, S).
+posterior to anterior (A). A training source may also cut coronal or sagittal planes (``to_canonical(plane=...)``;
+in-plane axes (R, S) and (A, S)) or axial planes of a rotated head (``tilt``): more distinct 2D anatomy from the same
+heads.
 """
 
 from __future__ import annotations
