@@ -117,24 +117,34 @@ def test_mni_slice_geometry(mni_dataset):
     assert aff[2, 3] == pytest.approx(-72.0 + e["slice"])
 
 
+def _source_voxels(label_slice: nib.Nifti1Image, source: nib.Nifti1Image) -> np.ndarray:
+    """Voxel coordinates ``(3, H * W)`` in `source`'s array of every pixel of a written slice (through both affines)."""
+    h, w = label_slice.shape[:2]
+    ij = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    world = label_slice.affine @ np.c_[ij, np.zeros(len(ij)), np.ones(len(ij))].T
+    return (np.linalg.inv(source.affine) @ world)[:3]
+
+
+def _label_agreement(label_slice: nib.Nifti1Image, source: nib.Nifti1Image, vox: np.ndarray) -> float:
+    """Fraction of the slice's pixels inside the source whose class equals the source label map's class there
+    (the factory's labels: 24/4 CSF, 3/10 GM, 2 WM)."""
+    src_lab = np.asarray(source.dataobj)
+    classes = np.select([np.isin(src_lab, [24, 4]), np.isin(src_lab, [3, 10]), src_lab == 2], [1, 2, 3], 0)
+    vox = np.rint(vox).astype(int)
+    inside = np.all((vox >= 0) & (vox < np.array(src_lab.shape)[:, None]), axis=0)
+    return float(np.mean(np.asarray(label_slice.dataobj).reshape(-1)[inside] == classes[tuple(vox[:, inside])]))
+
+
 def test_labelmap_affines_match_volume(tmp_path, labelmap_dir):
     out = _labelmaps(labelmap_dir, tmp_path / "ds", max_slices_per_subject=None, min_brain_fraction=0.5).run()
     dl = json.loads((out / "datalist.json").read_text())
     src = nib.load(labelmap_dir / "seg_03.nii.gz")
-    src_lab = np.asarray(src.dataobj)
-    classes = np.select([np.isin(src_lab, [24, 4]), np.isin(src_lab, [3, 10]), src_lab == 2], [1, 2, 3], 0)
-    inv = np.linalg.inv(src.affine)
     agree = []
     for e in dl["testing"]:
         img = nib.load(out / e["label"])
-        lab = np.asarray(img.dataobj)
-        ij = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1).reshape(-1, 2)
-        world = img.affine @ np.c_[ij, np.zeros(len(ij)), np.ones(len(ij))].T
-        vox = np.rint(inv @ world)[:3].astype(int)
-        assert np.all(vox[1] == e["slice"])  # the source's axial axis is array axis 1 (L, I, A)
-        inside = np.all((vox >= 0) & (vox < np.array(src_lab.shape)[:, None]), axis=0)
-        got = lab.reshape(-1)[inside]
-        agree.append(np.mean(got == classes[tuple(vox[:, inside])]))
+        vox = _source_voxels(img, src)
+        assert np.all(np.rint(vox[1]) == e["slice"])  # the source's axial axis is array axis 1 (L, I, A)
+        agree.append(_label_agreement(img, src, vox))
     assert len(agree) >= 3 and np.mean(agree) > 0.85
 
 
@@ -152,20 +162,13 @@ def test_labelmap_training_planes(tmp_path, labelmap_dir, plane, source_axis):
     assert {e["subject"] for e in dl["training"]} == {"sub-01", f"sub-01-{plane}"}
     assert {e["subject"] for e in dl["testing"]} == {"sub-03"}
     src = nib.load(labelmap_dir / "seg_01.nii.gz")
-    src_lab = np.asarray(src.dataobj)
-    classes = np.select([np.isin(src_lab, [24, 4]), np.isin(src_lab, [3, 10]), src_lab == 2], [1, 2, 3], 0)
-    inv = np.linalg.inv(src.affine)
     planar = [e for e in dl["training"] if e["subject"] == f"sub-01-{plane}"]
     agree = []
     for e in planar:
-        label_path = out / e["image"].replace("_T1w.nii.gz", "_dseg.nii.gz")
-        img = nib.load(label_path)
-        lab = np.asarray(img.dataobj)
-        ij = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1).reshape(-1, 2)
-        vox = np.rint(inv @ img.affine @ np.c_[ij, np.zeros(len(ij)), np.ones(len(ij))].T)[:3].astype(int)
-        assert np.all(vox[source_axis] == e["slice"])
-        inside = np.all((vox >= 0) & (vox < np.array(src_lab.shape)[:, None]), axis=0)
-        agree.append(np.mean(lab.reshape(-1)[inside] == classes[tuple(vox[:, inside])]))
+        img = nib.load(out / e["image"].replace("_T1w.nii.gz", "_dseg.nii.gz"))
+        vox = _source_voxels(img, src)
+        assert np.all(np.rint(vox[source_axis]) == e["slice"])
+        agree.append(_label_agreement(img, src, vox))
     assert len(planar) >= 3 and np.mean(agree) > 0.85
 
 
@@ -177,22 +180,15 @@ def test_labelmap_training_tilts(tmp_path, labelmap_dir):
     out = DatasetPreparer(source, tmp_path / "ds", **{**TINY, "max_slices_per_subject": None}).run()
     dl = json.loads((out / "datalist.json").read_text())
     src = nib.load(labelmap_dir / "seg_01.nii.gz")
-    src_lab = np.asarray(src.dataobj)
-    classes = np.select([np.isin(src_lab, [24, 4]), np.isin(src_lab, [3, 10]), src_lab == 2], [1, 2, 3], 0)
-    inv = np.linalg.inv(src.affine)
     tilted = [e for e in dl["training"] if e["subject"] == "sub-01-tilt1"]
     agree = []
     for e in tilted:
         img = nib.load(out / e["image"].replace("_T1w.nii.gz", "_dseg.nii.gz"))
-        lab = np.asarray(img.dataobj)
-        ij = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1).reshape(-1, 2)
-        vox = (inv @ img.affine @ np.c_[ij, np.zeros(len(ij)), np.ones(len(ij))].T)[:3]
-        axial = vox[1].reshape(32, 32)
+        vox = _source_voxels(img, src)
+        axial = vox[1].reshape(img.shape[:2])
         assert np.ptp(axial[16, :]) > 8  # oblique: the source's axial position changes from back to front...
         assert np.ptp(axial[:, 16]) < 1e-6  # ... not from left to right (a pitch is about the left-right axis)
-        vox = np.rint(vox).astype(int)
-        inside = np.all((vox >= 0) & (vox < np.array(src_lab.shape)[:, None]), axis=0)
-        agree.append(np.mean(lab.reshape(-1)[inside] == classes[tuple(vox[:, inside])]))
+        agree.append(_label_agreement(img, src, vox))
     assert len(tilted) >= 3 and np.mean(agree) > 0.85
 
 

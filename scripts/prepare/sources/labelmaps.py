@@ -215,11 +215,10 @@ class LabelMapSource(Source):
         del data
         canon_t = to_canonical(tissue, affine, plane)
         canon_c = to_canonical(classes, affine, plane)
-        if tilted is not None:
+        if tilted is not None and canon_c.data.any():  # (no brain at all is refused just below)
             brain_voxels = np.argwhere(canon_c.data > 0)
-            centre = (brain_voxels.min(0) + brain_voxels.max(0)) / 2.0 if len(brain_voxels) else None
-            if centre is not None:
-                canon_t, canon_c = (tilt(c, *tilted, centre) for c in (canon_t, canon_c))
+            centre = (brain_voxels.min(0) + brain_voxels.max(0)) / 2.0
+            canon_t, canon_c = (tilt(c, *tilted, centre) for c in (canon_t, canon_c))
         tissue, classes, aff = canon_t.data, canon_c.data, canon_t.affine
         brain = classes > 0
         if not brain.any():
