@@ -102,6 +102,60 @@ def test_with_a_label_map_every_tissue_keeps_a_contrast_to_the_others():
         assert min(np.diff(medians)) > 0.03, (seed, medians)
 
 
+def _tissue_order(reference: np.ndarray, label: np.ndarray) -> tuple[int, ...]:
+    """The tissue labels of a reference from darkest to brightest (by their median level)."""
+    medians = [float(np.median(reference[label == k])) for k in (1, 2, 3)]
+    return tuple(int(k) + 1 for k in np.argsort(medians))
+
+
+MR_ORDERS = [(1, 2, 3), (3, 2, 1), (1, 3, 2)]  # T1w-like, PDw/T2w-like, FLAIR-like (darkest to brightest)
+
+
+def test_tissue_orders_make_references_follow_mr_contrasts():
+    image, label = _labelled_phantom()
+    seen = set()
+    for seed in range(30):
+        transform = RandContrastRemapd(keys="image", min_separation=0.12, tissue_orders=MR_ORDERS, order_prob=1.0)
+        transform.set_random_state(seed=seed)
+        reference = transform({"image": image, "label": label})["reference"][0].numpy()
+        order = _tissue_order(reference, label[0].numpy())
+        assert order in MR_ORDERS, (seed, order)
+        seen.add(order)
+    assert seen == set(MR_ORDERS), "each listed order must occur"
+
+
+def test_tissue_orders_at_half_probability_keep_the_other_orders():
+    image, label = _labelled_phantom()
+    transform = RandContrastRemapd(keys="image", min_separation=0.12, tissue_orders=MR_ORDERS, order_prob=0.5)
+    transform.set_random_state(seed=0)
+    orders = [
+        _tissue_order(transform({"image": image, "label": label})["reference"][0].numpy(), label[0].numpy())
+        for _ in range(60)
+    ]
+    listed = sum(order in MR_ORDERS for order in orders)
+    assert 36 <= listed < 60, listed  # expected 45 of 60 (0.5 + 0.5 x 3/6)
+
+
+def test_order_prob_zero_leaves_the_default_references_unchanged():
+    image, label = _labelled_phantom()
+    plain = RandContrastRemapd(keys="image")
+    ordered_off = RandContrastRemapd(keys="image", tissue_orders=MR_ORDERS, order_prob=0.0)
+    plain.set_random_state(seed=5)
+    ordered_off.set_random_state(seed=5)
+    for _ in range(3):
+        data = {"image": image, "label": label}
+        assert torch.equal(plain(data)["reference"], ordered_off(data)["reference"])
+
+
+def test_bad_tissue_orders_give_clear_errors():
+    with pytest.raises(ValueError, match="tissue_orders"):
+        RandContrastRemapd(keys="image", tissue_orders=[[1, 2, 2]], order_prob=0.5)
+    with pytest.raises(ValueError, match="order_prob"):
+        RandContrastRemapd(keys="image", order_prob=0.5)
+    with pytest.raises(ValueError, match="order_prob"):
+        RandContrastRemapd(keys="image", tissue_orders=MR_ORDERS, order_prob=1.5)
+
+
 def test_the_training_augmentation_moves_the_target_without_blending_its_pixels():
     """The denoiser learns to output what the augmentation makes of the T1w; resampled bilinearly, the K-means Dice
     of a T1w falls from 0.87 to 0.81 (docs/method.md), so the augmentation must move pixels, not blend them."""

@@ -88,6 +88,12 @@ class RandContrastRemapd(RandomizableTransform, MapTransform):
         gamma_range: range of the log-uniform gamma applied after the map.
         max_samples: head pixels used to find the clusters (a random subset keeps it fast).
         prob: probability of randomising; otherwise the reference is a copy of the image.
+        tissue_orders: orders of the tissue labels from darkest to brightest that MR contrasts produce, e.g.
+            ``[[1, 2, 3], [3, 2, 1], [1, 3, 2]]`` (T1w-like, PDw/T2w-like, FLAIR-like); with `order_prob` > 0 a
+            reference follows one of them (chosen uniformly), otherwise the CSF/GM/WM levels come in random order.
+            Needs a label map; the non-brain levels stay random.
+        order_prob: probability that a reference with a label map follows one of `tissue_orders` (0: never, and no
+            random number is drawn for it, so the default stream of references is unchanged).
     """
 
     def __init__(
@@ -100,6 +106,8 @@ class RandContrastRemapd(RandomizableTransform, MapTransform):
         gamma_range: Sequence[float] = (0.7, 1.4),
         max_samples: int = 4000,
         prob: float = 1.0,
+        tissue_orders: Sequence[Sequence[int]] = (),
+        order_prob: float = 0.0,
     ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
@@ -108,6 +116,13 @@ class RandContrastRemapd(RandomizableTransform, MapTransform):
             raise ValueError(f"num_clusters must be a range 1 <= low <= high, got {num_clusters}.")
         if not 0 < gamma_range[0] <= gamma_range[1]:
             raise ValueError(f"gamma_range must be positive and ordered, got {gamma_range}.")
+        orders = [tuple(int(k) for k in order) for order in tissue_orders]
+        if any(sorted(order) != [1, 2, 3] for order in orders):
+            raise ValueError(f"tissue_orders must be orders of the labels 1, 2, 3 (CSF, GM, WM), got {tissue_orders}.")
+        if not 0.0 <= order_prob <= 1.0 or (order_prob > 0 and not orders):
+            raise ValueError(f"order_prob must be in [0, 1] and needs tissue_orders, got {order_prob}.")
+        self.tissue_orders = orders
+        self.order_prob = float(order_prob)
         self.reference_key = reference_key
         self.label_key = label_key
         self.num_clusters = (low, high)
@@ -122,7 +137,7 @@ class RandContrastRemapd(RandomizableTransform, MapTransform):
         """The tissue intensities of `image` that become the map's knots (see the module docstring)."""
         head = head_mask(image).astype(bool)
         if label is not None and np.count_nonzero(label) >= 50:
-            knots = [float(np.median(image[label == k])) for k in (1, 2, 3) if np.count_nonzero(label == k) >= 10]
+            knots = list(self._tissue_medians(image, label).values())
             outside = head & (label == 0)
             if np.count_nonzero(outside) >= 50:
                 knots += intensity_clusters(self._sample(image[outside]), 2).tolist()
@@ -139,8 +154,31 @@ class RandContrastRemapd(RandomizableTransform, MapTransform):
         """One random-contrast version of a 2D [0, 1] image (uses this transform's random state)."""
         knots = self.knots(image, label)
         levels = random_levels(len(knots), self.R, min_separation=self.min_separation)
+        if label is not None and self.order_prob > 0 and self.R.uniform() < self.order_prob:
+            order = self.tissue_orders[self.R.randint(len(self.tissue_orders))]
+            levels = self._ordered(levels, knots, image, label, order)
         gamma = float(np.exp(self.R.uniform(np.log(self.gamma_range[0]), np.log(self.gamma_range[1]))))
         return robust_scale(remap_intensities(image, knots, levels, gamma))
+
+    @staticmethod
+    def _tissue_medians(image: np.ndarray, label: np.ndarray) -> dict[int, float]:
+        """{tissue: median intensity} of CSF (1), GM (2) and WM (3), for the tissues with at least 10 pixels."""
+        return {k: float(np.median(image[label == k])) for k in (1, 2, 3) if np.count_nonzero(label == k) >= 10}
+
+    def _ordered(
+        self, levels: np.ndarray, knots: np.ndarray, image: np.ndarray, label: np.ndarray, order: tuple[int, ...]
+    ) -> np.ndarray:
+        """`levels` with those of the CSF, GM and WM knots swapped among themselves so that the tissues run from
+        darkest to brightest in `order` (the levels stay the same set, so their separation is kept)."""
+        medians = self._tissue_medians(image, label)
+        index = {tissue: int(np.argmin(np.abs(knots - median))) for tissue, median in medians.items()}
+        if len(set(index.values())) < len(index) or len(index) < 2:
+            return levels  # merged or missing tissue knots: nothing to order
+        present = [tissue for tissue in order if tissue in index]
+        slots = [index[tissue] for tissue in present]
+        ordered = levels.copy()
+        ordered[slots] = np.sort(levels[slots])
+        return ordered
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
